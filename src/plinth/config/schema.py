@@ -1,0 +1,113 @@
+"""The shape of `plinth.yaml`, validated once at start-up.
+
+Secrets are `SecretStr`, so they never print in reprs, logs or validation errors. Every model forbids
+unknown keys: a typo in the file is an error that names the key, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+ProviderType = Literal["openai", "azure", "openai_compatible", "anthropic", "bedrock", "gemini", "local"]
+RoutingStrategy = Literal["priority", "weighted", "latency", "least_busy"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 4000
+    workers: Annotated[int, Field(ge=1, le=256)] = 1
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 20 * 1024 * 1024
+    metrics: bool = True
+    # Seconds a graceful shutdown waits for in-flight requests.
+    shutdown_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+
+
+class DeploymentConfig(_Strict):
+    """One place a model alias can be served from: a provider, an upstream model and credentials."""
+
+    name: str | None = None  # defaults to "<alias>/<provider>/<index>"
+    provider: ProviderType | str
+    model: str  # the model name the upstream expects; "*" under a wildcard alias
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    api_version: str | None = None  # Azure OpenAI (for example "2024-10-21"); None uses the v1 API
+    region: str | None = None  # AWS region for Bedrock; informative for others
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    priority: Annotated[int, Field(ge=0)] = 0  # lower is tried first ("priority" strategy)
+    weight: Annotated[float, Field(gt=0)] = 1.0  # share of traffic ("weighted" strategy)
+    timeout_s: Annotated[float, Field(gt=0)] = 600.0  # whole request, non-streaming
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    # Longest wait for the first byte of a stream and between two stream chunks.
+    read_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    # Upstream accepts stream_options.include_usage (true for OpenAI, vLLM, recent Ollama).
+    stream_usage: bool = True
+    embedding_dimensions: int | None = None
+
+
+class RoutingConfig(_Strict):
+    strategy: RoutingStrategy = "priority"
+    # Extra attempts after the first, across deployments, on retryable errors only.
+    retries: Annotated[int, Field(ge=0, le=10)] = 2
+    backoff_base_s: Annotated[float, Field(ge=0)] = 0.05
+    backoff_max_s: Annotated[float, Field(ge=0)] = 2.0
+    # A deployment that fails `allowed_fails` times in a row rests for `cooldown_s`.
+    allowed_fails: Annotated[int, Field(ge=1)] = 3
+    cooldown_s: Annotated[float, Field(ge=0)] = 30.0
+
+
+class ModelConfig(_Strict):
+    """A catalog entry: the name clients ask for and the deployments that can serve it."""
+
+    name: str
+    type: Literal["chat", "embedding"] = "chat"
+    deployments: Annotated[list[DeploymentConfig], Field(min_length=1)]
+    routing: RoutingConfig = RoutingConfig()
+    owned_by: str = "plinth"
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("model name must not be empty")
+        if "*" in v[:-1]:
+            raise ValueError("'*' is only allowed at the end of a model name, as in 'openai/*'")
+        return v
+
+
+class StaticKeyConfig(_Strict):
+    """An API key declared in the file (the tenancy store adds database keys later)."""
+
+    name: str
+    key: SecretStr | None = None
+    key_sha256: str | None = None
+    models: list[str] | None = None  # None: every model
+
+    @model_validator(mode="after")
+    def _one_of(self) -> StaticKeyConfig:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("give exactly one of 'key' or 'key_sha256'")
+        return self
+
+
+class PlinthConfig(_Strict):
+    server: ServerConfig = ServerConfig()
+    models: list[ModelConfig] = Field(default_factory=list)
+    keys: list[StaticKeyConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PlinthConfig:
+        seen: set[str] = set()
+        for model in self.models:
+            if model.name in seen:
+                raise ValueError(f"model '{model.name}' is declared twice")
+            seen.add(model.name)
+        return self

@@ -1,0 +1,194 @@
+"""Assemble the ASGI application: routes, the two inbound protocols, health, metrics, lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from plinth.config import PlinthConfig, load_config
+from plinth.gateway import anthropic_protocol, openai_protocol
+from plinth.gateway.errors import GatewayError
+from plinth.gateway.pipeline import (
+    Gateway,
+    InboundProtocol,
+    error_response,
+    handle_chat,
+    handle_embeddings,
+    new_context,
+)
+from plinth.observability import metrics
+from plinth.observability.metrics import UPSTREAM_ERRORS
+from plinth.providers.base import ChatStream, ProviderError
+from plinth.providers.http import HttpClient
+from plinth.providers.types import ChatRequest
+from plinth.routing import Router
+from plinth.tenancy import StaticKeyStore
+
+log = logging.getLogger("plinth.gateway")
+
+OPENAI = InboundProtocol(
+    name="openai",
+    route="chat_completions",
+    decode=openai_protocol.decode_chat_request,
+    encode=lambda response, _model: openai_protocol.encode_chat_response(response),
+    stream_encoder=lambda chat, stream: openai_protocol.StreamEncoder(
+        stream.id, stream.model or chat.model, n=chat.n, include_usage=chat.include_usage
+    ),
+    error_body=openai_protocol.error_body,
+)
+OPENAI_EMBEDDINGS = InboundProtocol(
+    name="openai",
+    route="embeddings",
+    decode=openai_protocol.decode_chat_request,  # unused: embeddings have their own decoder
+    encode=lambda response, _model: openai_protocol.encode_chat_response(response),
+    stream_encoder=lambda chat, stream: openai_protocol.StreamEncoder(stream.id, chat.model),
+    error_body=openai_protocol.error_body,
+)
+
+
+def _anthropic_stream_encoder(chat: ChatRequest, stream: ChatStream) -> anthropic_protocol.StreamEncoder:
+    message_id = stream.id if stream.id.startswith("msg_") else "msg_" + stream.id.split("-")[-1]
+    return anthropic_protocol.StreamEncoder(message_id, chat.model)
+
+
+ANTHROPIC = InboundProtocol(
+    name="anthropic",
+    route="messages",
+    decode=anthropic_protocol.decode_request,
+    encode=anthropic_protocol.encode_response,
+    stream_encoder=_anthropic_stream_encoder,
+    error_body=anthropic_protocol.error_body,
+    request_id_headers=("x-request-id", "request-id"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AppSettings:
+    config: PlinthConfig
+    admin_key: str | None
+    dev: bool = False
+
+
+def _count_upstream_error(deployment: str, exc: ProviderError) -> None:
+    UPSTREAM_ERRORS.labels(deployment, exc.kind).inc()
+    log.warning("upstream %s failed (%s): %s", deployment, exc.kind, exc.message)
+
+
+def create_app(settings: AppSettings) -> Starlette:
+    """Build the application. Providers and sessions are created here; sockets open lazily."""
+    config = settings.config
+    http = HttpClient()
+    router = Router(config, http, on_upstream_error=_count_upstream_error)
+    keys = StaticKeyStore(settings.admin_key, list(config.keys))
+    gateway = Gateway(router, keys, max_body_bytes=config.server.max_body_bytes)
+    state = {"ready": False}
+
+    async def chat_completions(request: Request) -> Response:
+        return await handle_chat(gateway, request, OPENAI)
+
+    async def messages(request: Request) -> Response:
+        return await handle_chat(gateway, request, ANTHROPIC)
+
+    async def embeddings(request: Request) -> Response:
+        return await handle_embeddings(gateway, request, OPENAI_EMBEDDINGS)
+
+    async def list_models(request: Request) -> Response:
+        ctx = new_context(request)
+        try:
+            principal = gateway.authenticate(request, allow_x_api_key=True)
+        except GatewayError as err:
+            return error_response(err, ctx, OPENAI)
+        created = int(time.time())
+        data = [
+            {"id": route.name, "object": "model", "created": created, "owned_by": route.config.owned_by}
+            for route in router.all_routes()
+            if principal.may_use(route.name)
+        ]
+        body = orjson.dumps({"object": "list", "data": data})
+        return Response(body, 200, {"x-request-id": ctx.request_id}, "application/json")
+
+    async def healthz(_request: Request) -> Response:
+        return Response(b'{"status":"ok"}', 200, media_type="application/json")
+
+    async def readyz(_request: Request) -> Response:
+        if state["ready"]:
+            return Response(b'{"status":"ready"}', 200, media_type="application/json")
+        return Response(b'{"status":"not ready"}', 503, media_type="application/json")
+
+    async def metrics_endpoint(_request: Request) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, 200, media_type=content_type)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        if status == 404:
+            err = GatewayError(404, f"Unknown path: {request.method} {request.url.path}", code="unknown_url")
+        elif status == 405:
+            err = GatewayError(
+                405,
+                f"Method {request.method} is not allowed on {request.url.path}",
+                code="method_not_allowed",
+            )
+        else:
+            err = GatewayError(status, "The request could not be handled.")
+        protocol = ANTHROPIC if request.url.path.startswith("/v1/messages") else OPENAI
+        return error_response(err, new_context(request), protocol)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        ctx = new_context(request)
+        log.exception("unhandled error in request %s", ctx.request_id, exc_info=exc)
+        err = GatewayError(500, f"Internal error; quote request id {ctx.request_id} to the operator.")
+        protocol = ANTHROPIC if request.url.path.startswith("/v1/messages") else OPENAI
+        return error_response(err, ctx, protocol)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        state["ready"] = True
+        try:
+            yield
+        finally:
+            state["ready"] = False
+            await router.aclose()
+            await http.aclose()
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/models", list_models, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+    ]
+    if config.server.metrics:
+        routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
+    handlers: dict[Any, Any] = {HTTPException: http_error, Exception: server_error}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    app.state.gateway = gateway
+    return app
+
+
+def app_from_environment() -> Starlette:
+    """Factory for `uvicorn --factory` worker processes: settings travel in environment variables."""
+    config = load_config(os.environ.get("PLINTH_CONFIG") or None)
+    return create_app(
+        AppSettings(
+            config=config,
+            admin_key=os.environ.get("PLINTH_ADMIN_KEY"),
+            dev=os.environ.get("PLINTH_DEV") == "1",
+        )
+    )

@@ -1,0 +1,281 @@
+"""The hot path, top to bottom: request in → identity → policy → guardrails → route → provider → out.
+
+Both inbound protocols run through `handle_chat`; only their codecs differ. Later parts of the
+product plug in at the marked steps (policy, guardrails, limits, usage records) without changing the
+shape of this function.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from plinth.gateway import openai_protocol
+from plinth.gateway.errors import GatewayError
+from plinth.observability import metrics
+from plinth.providers.base import ChatStream, ProviderError
+from plinth.providers.types import ChatRequest, ChatResponse, StreamEvent, Usage, UsageEvent
+from plinth.routing import Attempt, ModelRoute, Router, UnknownModel
+from plinth.tenancy import KeyStore, Principal
+
+log = logging.getLogger("plinth.gateway")
+
+_SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+# --- protocol codecs -------------------------------------------------------------------------
+
+
+class StreamEncoder(Protocol):
+    def start(self) -> bytes: ...
+    def encode(self, event: StreamEvent) -> bytes: ...
+    def finish(self) -> bytes: ...
+    def error(self, err: GatewayError) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class InboundProtocol:
+    """What differs between the OpenAI and Anthropic front doors."""
+
+    name: str
+    route: str  # metrics label
+    decode: Callable[[Any], ChatRequest]
+    encode: Callable[[ChatResponse, str], dict[str, Any]]
+    stream_encoder: Callable[[ChatRequest, ChatStream], StreamEncoder]
+    error_body: Callable[[GatewayError], dict[str, Any]]
+    # Response header names carrying the request id (Anthropic's SDK reads `request-id`).
+    request_id_headers: tuple[str, ...] = ("x-request-id",)
+
+
+# --- per-request context ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    attempt: Attempt = field(default_factory=Attempt)
+    model_label: str = "unknown"
+
+    def overhead_ms(self) -> float:
+        return max(0.0, (time.perf_counter() - self.started - self.attempt.upstream_s) * 1000)
+
+
+def new_context(request: Request) -> RequestContext:
+    incoming = request.headers.get("x-request-id")
+    if incoming and len(incoming) <= 128 and incoming.isprintable():
+        return RequestContext(request_id=incoming)
+    return RequestContext(request_id=f"req_{uuid.uuid4().hex}")
+
+
+def response_headers(ctx: RequestContext, protocol: InboundProtocol) -> dict[str, str]:
+    headers = {name: ctx.request_id for name in protocol.request_id_headers}
+    headers["x-plinth-overhead-ms"] = f"{ctx.overhead_ms():.3f}"
+    if ctx.attempt.deployment is not None:
+        headers["x-plinth-deployment"] = ctx.attempt.deployment
+    return headers
+
+
+def error_response(err: GatewayError, ctx: RequestContext, protocol: InboundProtocol) -> Response:
+    headers = response_headers(ctx, protocol)
+    headers.update(err.headers)
+    if err.retry_after is not None:
+        headers["retry-after"] = str(max(1, round(err.retry_after)))
+    elif err.status == 429:
+        headers["retry-after"] = "1"
+    metrics.REQUESTS.labels(protocol.route, ctx.model_label, str(err.status)).inc()
+    return Response(orjson.dumps(protocol.error_body(err)), err.status, headers, "application/json")
+
+
+# --- shared steps ----------------------------------------------------------------------------
+
+
+class Gateway:
+    """Everything the hot path needs, built once at start-up."""
+
+    def __init__(self, router: Router, keys: KeyStore, *, max_body_bytes: int) -> None:
+        self.router = router
+        self.keys = keys
+        self.max_body_bytes = max_body_bytes
+
+    def authenticate(self, request: Request, *, allow_x_api_key: bool) -> Principal:
+        presented: str | None = None
+        auth = request.headers.get("authorization")
+        if auth:
+            scheme, _, value = auth.partition(" ")
+            if scheme.lower() == "bearer" and value.strip():
+                presented = value.strip()
+        if presented is None:
+            presented = request.headers.get("x-api-key") if allow_x_api_key else None
+            presented = presented or request.headers.get("api-key")
+        if not presented:
+            hint = "an 'x-api-key' header or " if allow_x_api_key else ""
+            raise GatewayError(
+                401,
+                f"Missing API key: send {hint}an 'Authorization: Bearer <key>' header.",
+                code="missing_api_key",
+            )
+        principal = self.keys.authenticate(presented)
+        if principal is None:
+            # Never echo the key; the prefix is enough for the caller to recognise which one it was.
+            raise GatewayError(401, f"Invalid API key ({presented[:6]}…).", code="invalid_api_key")
+        return principal
+
+    async def read_json(self, request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise self._too_large()
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        if not body:
+            raise GatewayError(400, "The request body is empty; send a JSON object.", code="invalid_json")
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise GatewayError(
+                400, f"The request body is not valid JSON: {exc}.", code="invalid_json"
+            ) from None
+
+    def _too_large(self) -> GatewayError:
+        return GatewayError(
+            413,
+            f"The request body is larger than the limit of {self.max_body_bytes} bytes.",
+            code="request_too_large",
+        )
+
+    def resolve(self, model: str, principal: Principal) -> ModelRoute:
+        try:
+            route = self.router.resolve(model)
+        except UnknownModel:
+            raise GatewayError(
+                404, f"The model '{model}' does not exist or you do not have access to it.",
+                param="model", code="model_not_found",
+            ) from None  # fmt: skip
+        if not principal.may_use(route.name):
+            raise GatewayError(
+                403, f"API key '{principal.name}' is not allowed to use model '{model}'.",
+                param="model", code="model_not_allowed",
+            )  # fmt: skip
+        return route
+
+
+def record_usage(route_label: str, model_label: str, usage: Usage) -> None:
+    metrics.TOKENS.labels(model_label, "input").inc(usage.input_tokens)
+    metrics.TOKENS.labels(model_label, "output").inc(usage.output_tokens)
+    if usage.cached_input_tokens:
+        metrics.TOKENS.labels(model_label, "cached_input").inc(usage.cached_input_tokens)
+
+
+def _finish_metrics(ctx: RequestContext, protocol: InboundProtocol, status: int) -> None:
+    metrics.REQUESTS.labels(protocol.route, ctx.model_label, str(status)).inc()
+    metrics.REQUEST_LATENCY.labels(protocol.route, ctx.model_label).observe(time.perf_counter() - ctx.started)
+    metrics.OVERHEAD.labels(protocol.route).observe(ctx.overhead_ms() / 1000)
+    if ctx.attempt.deployment is not None:
+        metrics.UPSTREAM_LATENCY.labels(ctx.attempt.deployment).observe(ctx.attempt.upstream_s)
+
+
+# --- the hot path ----------------------------------------------------------------------------
+
+
+async def handle_chat(gateway: Gateway, request: Request, protocol: InboundProtocol) -> Response:
+    ctx = new_context(request)
+    try:
+        # 1. Identity.
+        principal = gateway.authenticate(request, allow_x_api_key=protocol.name == "anthropic")
+        # 2. Parse and validate in the caller's protocol.
+        chat = protocol.decode(await gateway.read_json(request))
+        # 3. Catalog: which model alias, and may this caller use it.
+        route = gateway.resolve(chat.model, principal)
+        ctx.model_label = route.name
+        # 4. Policy, guardrails, limits and budgets plug in here (governance, guardrails, tenancy).
+        # 5. Route to a deployment and call the provider, with retries and fallback.
+        if chat.stream:
+            return await _stream(gateway, chat, route, ctx, protocol)
+        answer = await gateway.router.chat(route, chat, ctx.attempt)
+    except GatewayError as err:
+        return error_response(err, ctx, protocol)
+    except ProviderError as exc:
+        return error_response(GatewayError.from_provider(exc), ctx, protocol)
+    # 6. Meter and answer.
+    record_usage(protocol.route, ctx.model_label, answer.usage)
+    body = orjson.dumps(protocol.encode(answer, chat.model))
+    headers = response_headers(ctx, protocol)
+    _finish_metrics(ctx, protocol, 200)
+    return Response(body, 200, headers, "application/json")
+
+
+async def _stream(
+    gateway: Gateway, chat: ChatRequest, route: ModelRoute, ctx: RequestContext, protocol: InboundProtocol
+) -> Response:
+    # Fallback is possible until the first event: the router returns only once it has one.
+    stream, first = await gateway.router.stream_chat(route, chat, ctx.attempt)
+    encoder = protocol.stream_encoder(chat, stream)
+    headers = response_headers(ctx, protocol)
+    _finish_metrics(ctx, protocol, 200)
+    return StreamingResponse(
+        _relay(stream, first, encoder, ctx, protocol),
+        200,
+        {**headers, **_SSE_HEADERS},
+        media_type="text/event-stream",
+    )
+
+
+async def _relay(
+    stream: ChatStream,
+    first: StreamEvent,
+    encoder: StreamEncoder,
+    ctx: RequestContext,
+    protocol: InboundProtocol,
+) -> AsyncIterator[bytes]:
+    """Relay upstream events in the caller's protocol; errors after the first byte go in-band."""
+    try:
+        yield encoder.start() + encoder.encode(first)
+        if isinstance(first, UsageEvent):
+            record_usage(protocol.route, ctx.model_label, first.usage)
+        async for event in stream.events:
+            if isinstance(event, UsageEvent):
+                record_usage(protocol.route, ctx.model_label, event.usage)
+            chunk = encoder.encode(event)
+            if chunk:
+                yield chunk
+        yield encoder.finish()
+    except ProviderError as exc:
+        exc.deployment = exc.deployment or ctx.attempt.deployment
+        log.warning("stream %s failed mid-way: %s", ctx.request_id, exc.message)
+        metrics.UPSTREAM_ERRORS.labels(ctx.attempt.deployment or "unknown", exc.kind).inc()
+        yield encoder.error(GatewayError.from_provider(exc))
+    finally:
+        await stream.aclose()
+
+
+async def handle_embeddings(gateway: Gateway, request: Request, protocol: InboundProtocol) -> Response:
+    ctx = new_context(request)
+    try:
+        principal = gateway.authenticate(request, allow_x_api_key=False)
+        embed = openai_protocol.decode_embedding_request(await gateway.read_json(request))
+        route = gateway.resolve(embed.model, principal)
+        ctx.model_label = route.name
+        answer = await gateway.router.embed(route, embed, ctx.attempt)
+    except GatewayError as err:
+        return error_response(err, ctx, protocol)
+    except ProviderError as exc:
+        return error_response(GatewayError.from_provider(exc), ctx, protocol)
+    record_usage(protocol.route, ctx.model_label, answer.usage)
+    body = orjson.dumps(openai_protocol.encode_embedding_response(answer, embed.encoding_format))
+    headers = response_headers(ctx, protocol)
+    _finish_metrics(ctx, protocol, 200)
+    return Response(body, 200, headers, "application/json")
