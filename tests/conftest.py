@@ -78,7 +78,13 @@ def gateway_factory() -> Iterator[Callable[..., GatewayServer]]:
 
 
 def openai_deployment(upstream_url: str, **extra: Any) -> dict[str, Any]:
-    return {"provider": "openai", "model": "gpt-4o-mini", "base_url": upstream_url, "api_key": "sk-upstream-secret", **extra}
+    return {
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "base_url": upstream_url,
+        "api_key": "sk-upstream-secret",
+        **extra,
+    }
 
 
 @pytest.fixture

@@ -29,7 +29,9 @@ def client(server: GatewayServer, key: str = USER_KEY, **kwargs: Any) -> openai.
     return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, **kwargs)
 
 
-async def test_chat_completion_round_trip(gateway_factory: Any, basic_config: dict[str, Any], openai_upstream: OpenAIUpstream) -> None:
+async def test_chat_completion_round_trip(
+    gateway_factory: Any, basic_config: dict[str, Any], openai_upstream: OpenAIUpstream
+) -> None:
     server = gateway_factory(basic_config)
     raw = await client(server).chat.completions.with_raw_response.create(
         model="gpt-4o-mini",
@@ -57,7 +59,11 @@ async def test_tools_images_response_format_and_n_pass_through(
     gateway_factory: Any, basic_config: dict[str, Any], openai_upstream: OpenAIUpstream
 ) -> None:
     server = gateway_factory(basic_config)
-    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
+    }
     openai_upstream.queue(Reply(body=completion("", tool_calls=[call])))
     answer = await client(server).chat.completions.create(
         model="gpt-4o-mini",
@@ -67,15 +73,29 @@ async def test_tools_images_response_format_and_n_pass_through(
                 "role": "user",
                 "content": [
                     {"type": "text", "text": "Weather where this photo was taken?"},
-                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"},
+                    },
                 ],
             },
             {"role": "assistant", "content": None, "tool_calls": [call]},
             {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
         ],
-        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+        tools=[
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                },
+            }
+        ],
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}, "strict": True}},
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "w", "schema": {"type": "object"}, "strict": True},
+        },
         logit_bias={"50256": -100},
     )
     message = answer.choices[0].message
@@ -83,11 +103,18 @@ async def test_tools_images_response_format_and_n_pass_through(
     assert message.tool_calls is not None and message.tool_calls[0].function.name == "get_weather"
     sent = openai_upstream.requests[-1]
     assert sent["n"] == 2
-    assert sent["messages"][0]["content"][1] == {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}}
+    assert sent["messages"][0]["content"][1] == {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"},
+    }
     assert sent["messages"][1]["tool_calls"] == [call]
     assert sent["messages"][2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
     assert sent["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
-    assert sent["response_format"]["json_schema"] == {"name": "w", "schema": {"type": "object"}, "strict": True}
+    assert sent["response_format"]["json_schema"] == {
+        "name": "w",
+        "schema": {"type": "object"},
+        "strict": True,
+    }
     assert sent["logit_bias"] == {"50256": -100}  # unknown OpenAI fields pass through to OpenAI upstreams
 
 
@@ -105,7 +132,9 @@ async def test_streaming_always_metered_but_usage_chunk_only_when_asked(
     assert openai_upstream.requests[-1]["stream_options"] == {"include_usage": True}
 
     stream = await client(server).chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True,
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = [c async for c in stream]
@@ -116,31 +145,42 @@ async def test_streaming_always_metered_but_usage_chunk_only_when_asked(
     assert metric(server, "plinth_tokens_total", kind="input", model="gpt-4o-mini") == tokens_before + 10
 
 
-async def test_streamed_tool_call_reassembles(gateway_factory: Any, basic_config: dict[str, Any], openai_upstream: OpenAIUpstream) -> None:
+async def test_streamed_tool_call_reassembles(
+    gateway_factory: Any, basic_config: dict[str, Any], openai_upstream: OpenAIUpstream
+) -> None:
     server = gateway_factory(basic_config)
     first = {"index": 0, "id": "call_9", "type": "function", "function": {"name": "lookup", "arguments": ""}}
-    openai_upstream.queue(Reply(stream=[
-        chunk({"role": "assistant", "content": None}),
-        chunk({"tool_calls": [first]}),
-        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"q":'}}]}),
-        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"x"}'}}]}),
-        chunk(finish="tool_calls"),
-        chunk(usage={"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}),
-    ]))
+    openai_upstream.queue(
+        Reply(
+            stream=[
+                chunk({"role": "assistant", "content": None}),
+                chunk({"tool_calls": [first]}),
+                chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"q":'}}]}),
+                chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"x"}'}}]}),
+                chunk(finish="tool_calls"),
+                chunk(usage={"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}),
+            ]
+        )
+    )
     async with client(server).chat.completions.stream(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "find x"}],
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "find x"}],
         tools=[{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
     ) as stream:
         final = await stream.get_final_completion()
     call = final.choices[0].message.tool_calls
-    assert call is not None and call[0].id == "call_9" and json.loads(call[0].function.arguments) == {"q": "x"}
+    assert (
+        call is not None and call[0].id == "call_9" and json.loads(call[0].function.arguments) == {"q": "x"}
+    )
     assert final.choices[0].finish_reason == "tool_calls"
 
 
 async def test_embeddings_float_and_base64(gateway_factory: Any, basic_config: dict[str, Any]) -> None:
     server = gateway_factory(basic_config)
     admin = client(server, ADMIN_KEY)
-    result = await admin.embeddings.create(model="text-embedding-3-small", input=["abc", "hello"])  # SDK asks base64
+    result = await admin.embeddings.create(
+        model="text-embedding-3-small", input=["abc", "hello"]
+    )  # SDK asks base64
     assert [d.embedding for d in result.data] == [[3.0, 0.5, -0.25], [5.0, 0.5, -0.25]]
     async with httpx.AsyncClient() as http:  # async: the mock upstream runs on this test's loop
         reply = await http.post(
@@ -152,10 +192,15 @@ async def test_embeddings_float_and_base64(gateway_factory: Any, basic_config: d
     assert list(array("f", base64.b64decode(raw["data"][0]["embedding"]))) == [3.0, 0.5, -0.25]
 
 
-async def test_models_lists_only_what_the_key_may_use(gateway_factory: Any, basic_config: dict[str, Any]) -> None:
+async def test_models_lists_only_what_the_key_may_use(
+    gateway_factory: Any, basic_config: dict[str, Any]
+) -> None:
     server = gateway_factory(basic_config)
     assert [m.id async for m in client(server).models.list()] == ["gpt-4o-mini"]
-    assert sorted([m.id async for m in client(server, ADMIN_KEY).models.list()]) == ["gpt-4o-mini", "text-embedding-3-small"]
+    assert sorted([m.id async for m in client(server, ADMIN_KEY).models.list()]) == [
+        "gpt-4o-mini",
+        "text-embedding-3-small",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -163,19 +208,51 @@ async def test_models_lists_only_what_the_key_may_use(gateway_factory: Any, basi
     [
         ({"messages": [{"role": "user", "content": "x"}]}, 400, "model", "Missing required parameter"),
         ({"model": "gpt-4o-mini", "messages": "hi"}, 400, "messages", "expected an array"),
-        ({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "but got an integer"),
-        ({"model": "gpt-4o-mini", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", "'robot'"),
-        ({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "temperature": 9}, 400, "temperature", "between 0 and 2"),
-        ({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "n": "2"}, 400, "n", "expected an integer"),
+        (
+            {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": 5}]},
+            400,
+            "messages[0].content",
+            "but got an integer",
+        ),
+        (
+            {"model": "gpt-4o-mini", "messages": [{"role": "robot", "content": "x"}]},
+            400,
+            "messages[0].role",
+            "'robot'",
+        ),
+        (
+            {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "temperature": 9},
+            400,
+            "temperature",
+            "between 0 and 2",
+        ),
+        (
+            {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "n": "2"},
+            400,
+            "n",
+            "expected an integer",
+        ),
         ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model", "does not exist"),
-        ({"model": "text-embedding-3-small", "messages": [{"role": "user", "content": "x"}]}, 403, "model", "not allowed"),
+        (
+            {"model": "text-embedding-3-small", "messages": [{"role": "user", "content": "x"}]},
+            403,
+            "model",
+            "not allowed",
+        ),
     ],
 )
 def test_bad_requests_get_openai_errors(
-    gateway_factory: Any, basic_config: dict[str, Any], body: dict[str, Any], status: int, param: str, fragment: str
+    gateway_factory: Any,
+    basic_config: dict[str, Any],
+    body: dict[str, Any],
+    status: int,
+    param: str,
+    fragment: str,
 ) -> None:
     server = gateway_factory(basic_config)
-    reply = httpx.post(server.url + "/v1/chat/completions", headers={"authorization": f"Bearer {USER_KEY}"}, json=body)
+    reply = httpx.post(
+        server.url + "/v1/chat/completions", headers={"authorization": f"Bearer {USER_KEY}"}, json=body
+    )
     assert reply.status_code == status
     error = reply.json()["error"]
     assert error["param"] == param and fragment in error["message"]
@@ -183,7 +260,9 @@ def test_bad_requests_get_openai_errors(
     assert reply.headers["x-request-id"]
 
 
-def test_malformed_json_oversized_body_and_auth_errors(gateway_factory: Any, basic_config: dict[str, Any]) -> None:
+def test_malformed_json_oversized_body_and_auth_errors(
+    gateway_factory: Any, basic_config: dict[str, Any]
+) -> None:
     basic_config["server"] = {"max_body_bytes": 2048}
     server = gateway_factory(basic_config)
     url = server.url + "/v1/chat/completions"
@@ -200,26 +279,42 @@ def test_malformed_json_oversized_body_and_auth_errors(gateway_factory: Any, bas
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_url"
 
 
-async def test_upstream_errors_map_to_openai_errors(gateway_factory: Any, basic_config: dict[str, Any], openai_upstream: OpenAIUpstream) -> None:
+async def test_upstream_errors_map_to_openai_errors(
+    gateway_factory: Any, basic_config: dict[str, Any], openai_upstream: OpenAIUpstream
+) -> None:
     basic_config["models"][0]["routing"] = {"retries": 0}
     server = gateway_factory(basic_config)
-    openai_upstream.queue(Reply(status=400, body={"error": {"message": "context too long", "type": "invalid_request_error"}}))
+    openai_upstream.queue(
+        Reply(status=400, body={"error": {"message": "context too long", "type": "invalid_request_error"}})
+    )
     with pytest.raises(openai.BadRequestError, match="context too long"):
-        await client(server).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
-    openai_upstream.queue(Reply(status=429, body={"error": {"message": "slow down"}}, headers={"retry-after": "7"}))
+        await client(server).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+        )
+    openai_upstream.queue(
+        Reply(status=429, body={"error": {"message": "slow down"}}, headers={"retry-after": "7"})
+    )
     with pytest.raises(openai.RateLimitError) as info:
-        await client(server).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+        await client(server).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+        )
     assert info.value.response.headers["retry-after"] == "7"
     openai_upstream.queue(Reply(status=401, body={"error": {"message": "bad key sk-upstream-secret"}}))
     with pytest.raises(openai.APIStatusError) as info2:
-        await client(server).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+        await client(server).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+        )
     assert info2.value.status_code == 502
 
 
-async def test_mid_stream_failure_is_reported_in_band(gateway_factory: Any, basic_config: dict[str, Any], openai_upstream: OpenAIUpstream) -> None:
+async def test_mid_stream_failure_is_reported_in_band(
+    gateway_factory: Any, basic_config: dict[str, Any], openai_upstream: OpenAIUpstream
+) -> None:
     server = gateway_factory(basic_config)
     openai_upstream.queue(Reply(stream=text_stream("a", "b", "c"), error_after=2))
-    stream = await client(server).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True)
+    stream = await client(server).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True
+    )
     seen = []
     with pytest.raises(openai.APIError, match="upstream closed the connection"):
         async for c in stream:

@@ -28,7 +28,9 @@ class Reply:
     error_after: int | None = None  # drop the connection after this many stream chunks
 
 
-def completion(text: str = "Hello!", *, model: str = "gpt-4o-mini", usage: dict[str, Any] | None = None, **message: Any) -> dict[str, Any]:
+def completion(
+    text: str = "Hello!", *, model: str = "gpt-4o-mini", usage: dict[str, Any] | None = None, **message: Any
+) -> dict[str, Any]:
     return {
         "id": "chatcmpl-mock",
         "object": "chat.completion",
@@ -46,15 +48,21 @@ def completion(text: str = "Hello!", *, model: str = "gpt-4o-mini", usage: dict[
     }
 
 
-def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, *, index: int = 0, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+def chunk(
+    delta: dict[str, Any] | None = None,
+    finish: str | None = None,
+    *,
+    index: int = 0,
+    usage: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": "chatcmpl-mock",
         "object": "chat.completion.chunk",
         "created": 1,
         "model": "gpt-4o-mini",
-        "choices": [] if delta is None and finish is None else [
-            {"index": index, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
-        ],
+        "choices": []
+        if delta is None and finish is None
+        else [{"index": index, "delta": delta or {}, "logprobs": None, "finish_reason": finish}],
     }
     if usage is not None:
         out["usage"] = usage
@@ -65,7 +73,12 @@ def text_stream(*pieces: str, usage: dict[str, Any] | None = None) -> list[Any]:
     chunks: list[Any] = [chunk({"role": "assistant", "content": ""})]
     chunks += [chunk({"content": p}) for p in pieces]
     chunks.append(chunk(finish="stop"))
-    chunks.append(chunk(usage=usage or {"prompt_tokens": 7, "completion_tokens": len(pieces), "total_tokens": 7 + len(pieces)}))
+    chunks.append(
+        chunk(
+            usage=usage
+            or {"prompt_tokens": 7, "completion_tokens": len(pieces), "total_tokens": 7 + len(pieces)}
+        )
+    )
     return chunks
 
 
@@ -125,8 +138,14 @@ class OpenAIUpstream:
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
         if reply.stream is None:
-            return web.Response(status=reply.status, body=orjson.dumps(reply.body), headers={"content-type": "application/json", **reply.headers})
-        resp = web.StreamResponse(status=reply.status, headers={"content-type": "text/event-stream", **reply.headers})
+            return web.Response(
+                status=reply.status,
+                body=orjson.dumps(reply.body),
+                headers={"content-type": "application/json", **reply.headers},
+            )
+        resp = web.StreamResponse(
+            status=reply.status, headers={"content-type": "text/event-stream", **reply.headers}
+        )
         await resp.prepare(request)
         for i, item in enumerate(reply.stream):
             if reply.error_after is not None and i >= reply.error_after:
@@ -146,8 +165,15 @@ class OpenAIUpstream:
         self._record(request, body)
         reply = self.replies.pop(0) if self.replies else None
         if reply is not None:
-            return web.Response(status=reply.status, body=orjson.dumps(reply.body), headers={"content-type": "application/json"})
+            return web.Response(
+                status=reply.status,
+                body=orjson.dumps(reply.body),
+                headers={"content-type": "application/json"},
+            )
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-        data = [{"object": "embedding", "index": i, "embedding": [float(len(t)), 0.5, -0.25]} for i, t in enumerate(inputs)]
+        data = [
+            {"object": "embedding", "index": i, "embedding": [float(len(t)), 0.5, -0.25]}
+            for i, t in enumerate(inputs)
+        ]
         usage = {"prompt_tokens": sum(len(t.split()) for t in inputs), "total_tokens": 0}
         return web.json_response({"object": "list", "data": data, "model": body["model"], "usage": usage})

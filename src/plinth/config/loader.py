@@ -112,7 +112,9 @@ def default_config(env: Mapping[str, str]) -> PlinthConfig:
         models.append(
             ModelConfig(
                 name="openai/*",
-                deployments=[DeploymentConfig(provider="openai", model="*", api_key=SecretStr(env["OPENAI_API_KEY"]))],
+                deployments=[
+                    DeploymentConfig(provider="openai", model="*", api_key=SecretStr(env["OPENAI_API_KEY"]))
+                ],
             )
         )
     if env.get("ANTHROPIC_API_KEY"):
@@ -120,7 +122,9 @@ def default_config(env: Mapping[str, str]) -> PlinthConfig:
             ModelConfig(
                 name="anthropic/*",
                 deployments=[
-                    DeploymentConfig(provider="anthropic", model="*", api_key=SecretStr(env["ANTHROPIC_API_KEY"]))
+                    DeploymentConfig(
+                        provider="anthropic", model="*", api_key=SecretStr(env["ANTHROPIC_API_KEY"])
+                    )
                 ],
             )
         )
@@ -128,7 +132,9 @@ def default_config(env: Mapping[str, str]) -> PlinthConfig:
         models.append(
             ModelConfig(
                 name="gemini/*",
-                deployments=[DeploymentConfig(provider="gemini", model="*", api_key=SecretStr(env["GEMINI_API_KEY"]))],
+                deployments=[
+                    DeploymentConfig(provider="gemini", model="*", api_key=SecretStr(env["GEMINI_API_KEY"]))
+                ],
             )
         )
     models.append(

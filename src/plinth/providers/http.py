@@ -7,12 +7,13 @@ more per request (measured in bench/, see docs/benchmarks.md), which is most of 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from plinth.providers.base import ProviderError, classify_status
 
@@ -101,7 +102,7 @@ class HttpClient:
 
     async def post(
         self,
-        url: str,
+        url: str | URL,
         body: bytes,
         headers: Mapping[str, str],
         *,
@@ -122,7 +123,7 @@ class HttpClient:
 
     async def open_stream(
         self,
-        url: str,
+        url: str | URL,
         body: bytes,
         headers: Mapping[str, str],
         *,
@@ -163,7 +164,7 @@ def transport_error(exc: BaseException) -> ProviderError:
     return ProviderError(f"upstream request failed: {type(exc).__name__}", kind="upstream_error")
 
 
-async def iter_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, bytes]]:
+async def iter_sse(resp: aiohttp.ClientResponse) -> AsyncGenerator[tuple[str, bytes], None]:
     """Yield (event, data) pairs from a Server-Sent Events body; transport faults become ProviderError."""
     event = ""
     data: list[bytes] = []
