@@ -41,6 +41,18 @@ def _load(config_path: Path | None) -> PlinthConfig:
         raise typer.Exit(2) from None
 
 
+def _check_deployments(settings: PlinthConfig) -> None:
+    """Build every provider once, so a bad deployment fails here and not in a worker."""
+    from plinth.providers.http import HttpClient
+    from plinth.routing import Router
+
+    try:
+        Router(settings, HttpClient())
+    except ConfigError as exc:
+        err.print(f"[red]Configuration error[/red]\n{exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
 def _admin_key(dev: bool) -> str:
     key = os.environ.get("PLINTH_ADMIN_KEY")
     problem = admin_key_problem(key)
@@ -87,6 +99,7 @@ def serve(
     import uvicorn
 
     settings = _load(config)
+    _check_deployments(settings)
     admin_key = _admin_key(dev)
     server = settings.server
     bind_host = host or server.host
@@ -133,6 +146,7 @@ def serve(
 def config_check(config: ConfigOption = None) -> None:
     """Validate a configuration file and summarise it."""
     settings = _load(config)
+    _check_deployments(settings)
     console = Console()
     console.print(f"[green]OK[/green] {config or '(embedded default)'}", highlight=False)
     for model in settings.models:

@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from plinth.config.loader import ConfigError
 from plinth.config.schema import DeploymentConfig, ModelConfig, PlinthConfig, RoutingConfig
 from plinth.providers.base import ChatStream, Provider, ProviderError
 from plinth.providers.http import HttpClient
-from plinth.providers.registry import provider_class
+from plinth.providers.registry import UnknownProvider, provider_class
 from plinth.providers.types import (
     ChatRequest,
     ChatResponse,
@@ -154,8 +155,8 @@ class Router:
         self._on_upstream_error = on_upstream_error
         self.routes: dict[str, ModelRoute] = {}
         self._wildcards: list[ModelRoute] = []
-        for model in config.models:
-            route = self._build_route(model)
+        for index, model in enumerate(config.models):
+            route = self._build_route(model, index)
             if route.wildcard_prefix is not None:
                 self._wildcards.append(route)
             else:
@@ -163,11 +164,15 @@ class Router:
         # Longest prefix first, so "openai/gpt-4o/*" beats "openai/*".
         self._wildcards.sort(key=lambda r: len(r.wildcard_prefix or ""), reverse=True)
 
-    def _build_route(self, model: ModelConfig) -> ModelRoute:
+    def _build_route(self, model: ModelConfig, index: int) -> ModelRoute:
         deployments = []
         for i, dep in enumerate(model.deployments):
             name = dep.name or f"{model.name}/{dep.provider}/{i}"
-            provider = provider_class(dep.provider)(dep, self.http, name=name)
+            try:
+                provider = provider_class(dep.provider)(dep, self.http, name=name)
+            except (UnknownProvider, ValueError) as exc:
+                # Caught at start-up, reported like any other configuration mistake.
+                raise ConfigError(f"models[{index}].deployments[{i}]: {exc}") from None
             deployments.append(Deployment(name=name, config=dep, provider=provider))
         prefix = model.name[:-1] if model.name.endswith("*") else None
         return ModelRoute(
