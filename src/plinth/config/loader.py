@@ -101,42 +101,28 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
     return parse_config(data, source=str(file), env=environ)
 
 
+# Providers the embedded default routes to when their key is in the environment.
+_DEFAULT_PROVIDER_KEYS = (
+    ("openai", "OPENAI_API_KEY"),
+    ("anthropic", "ANTHROPIC_API_KEY"),
+    ("gemini", "GEMINI_API_KEY"),
+)
+
+
 def default_config(env: Mapping[str, str]) -> PlinthConfig:
     """The embedded default: wildcard routes to every provider whose credentials are in the environment.
 
     `openai/gpt-4o-mini` goes to OpenAI, `anthropic/claude-...` to Anthropic and so on; the local
     embedding model is always there.
     """
-    models: list[ModelConfig] = []
-    if env.get("OPENAI_API_KEY"):
-        models.append(
-            ModelConfig(
-                name="openai/*",
-                deployments=[
-                    DeploymentConfig(provider="openai", model="*", api_key=SecretStr(env["OPENAI_API_KEY"]))
-                ],
-            )
+    models = [
+        ModelConfig(
+            name=f"{provider}/*",
+            deployments=[DeploymentConfig(provider=provider, model="*", api_key=SecretStr(env[variable]))],
         )
-    if env.get("ANTHROPIC_API_KEY"):
-        models.append(
-            ModelConfig(
-                name="anthropic/*",
-                deployments=[
-                    DeploymentConfig(
-                        provider="anthropic", model="*", api_key=SecretStr(env["ANTHROPIC_API_KEY"])
-                    )
-                ],
-            )
-        )
-    if env.get("GEMINI_API_KEY"):
-        models.append(
-            ModelConfig(
-                name="gemini/*",
-                deployments=[
-                    DeploymentConfig(provider="gemini", model="*", api_key=SecretStr(env["GEMINI_API_KEY"]))
-                ],
-            )
-        )
+        for provider, variable in _DEFAULT_PROVIDER_KEYS
+        if env.get(variable)
+    ]
     models.append(
         ModelConfig(
             name="all-minilm-l6-v2",
