@@ -329,7 +329,7 @@ async def test_chat_response_with_tool_calls_and_reasoning(
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content == [
         ThinkingPart(text="think", signature="s1"),
-        ThinkingPart(text="b64blob", redacted=True),
+        ThinkingPart(text="", signature="b64blob", redacted=True),
         TextPart("Checking."),
     ]
     assert choice.message.tool_calls == [ToolCall(id="tu_9", name="get_weather", arguments='{"city":"Oslo"}')]

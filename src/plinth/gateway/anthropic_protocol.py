@@ -71,6 +71,9 @@ _ERROR_TYPES = {
     529: "overloaded_error",
 }
 
+# Gemini's thought signatures travel with this prefix (see plinth.providers.gemini).
+GEMINI_SIGNATURE_PREFIX = "gemini:"
+
 _STOP_REASONS: dict[FinishReason, str] = {
     "stop": "end_turn",
     "length": "max_tokens",
@@ -425,7 +428,8 @@ def _content(message: Message) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = []
     for part in message.content:
         if isinstance(part, ThinkingPart):
-            blocks.append(_thinking_block(part))
+            if part.text or part.signature:  # an empty, unsigned thought carries nothing
+                blocks.append(_thinking_block(part))
         elif isinstance(part, TextPart) and part.text:
             blocks.append({"type": "text", "text": part.text})
     if message.refusal and not message.text():
@@ -572,8 +576,14 @@ class StreamEncoder:
         return out
 
     def _thinking(self, event: ThinkingDelta) -> bytes:
+        if not event.text and not event.signature:
+            return b""
+        # A signed block is complete: whatever follows starts a new one. A Gemini signature that
+        # comes alone belongs to the part after it (a text or tool call), never to the thought
+        # before it, so it gets its own (empty, signed) block, as in the non-streamed answer.
+        standalone = not event.text and (event.signature or "").startswith(GEMINI_SIGNATURE_PREFIX)
         out = b""
-        if self._open != "thinking" or (self._signed and event.text):
+        if self._open != "thinking" or self._signed or standalone:
             out = self._start_block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
             self._signed = False
         if event.text:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -86,6 +87,24 @@ def _count_upstream_error(deployment: str, exc: ProviderError) -> None:
     log.warning("upstream %s failed (%s): %s", deployment, exc.kind, exc.message)
 
 
+async def _warm_up(router: Router) -> None:
+    """Call `warmup()` on every provider that has one, one after another; failures are logged
+    (a missing optional dependency must not stop the gateway: the first request will say why)."""
+    for route in router.all_routes():
+        for deployment in route.deployments:
+            warmup = getattr(deployment.provider, "warmup", None)
+            if not callable(warmup):
+                continue
+            started = time.perf_counter()
+            try:
+                await warmup()
+            except Exception as exc:
+                message = getattr(exc, "message", None) or repr(exc)
+                log.warning("warm-up of deployment %s failed: %s", deployment.name, message)
+            else:
+                log.info("deployment %s warmed up in %.1fs", deployment.name, time.perf_counter() - started)
+
+
 def create_app(settings: AppSettings) -> Starlette:
     """Build the application. Providers and sessions are created here; sockets open lazily."""
     config = settings.config
@@ -119,17 +138,20 @@ def create_app(settings: AppSettings) -> Starlette:
         body = orjson.dumps({"object": "list", "data": data})
         return Response(body, 200, {"x-request-id": ctx.request_id}, "application/json")
 
-    async def healthz(_request: Request) -> Response:
-        return Response(b'{"status":"ok"}', 200, media_type="application/json")
+    def request_id(request: Request) -> dict[str, str]:
+        return {"x-request-id": new_context(request).request_id}
 
-    async def readyz(_request: Request) -> Response:
+    async def healthz(request: Request) -> Response:
+        return Response(b'{"status":"ok"}', 200, request_id(request), "application/json")
+
+    async def readyz(request: Request) -> Response:
         if state["ready"]:
-            return Response(b'{"status":"ready"}', 200, media_type="application/json")
-        return Response(b'{"status":"not ready"}', 503, media_type="application/json")
+            return Response(b'{"status":"ready"}', 200, request_id(request), "application/json")
+        return Response(b'{"status":"not ready"}', 503, request_id(request), "application/json")
 
-    async def metrics_endpoint(_request: Request) -> Response:
+    async def metrics_endpoint(request: Request) -> Response:
         body, content_type = metrics.render()
-        return Response(body, 200, media_type=content_type)
+        return Response(body, 200, request_id(request), content_type)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
@@ -155,11 +177,17 @@ def create_app(settings: AppSettings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        # Providers that load something heavy (the local embedding model) warm up in the
+        # background: the gateway is ready at once for every other model.
+        warming = asyncio.create_task(_warm_up(router), name="plinth-warmup")
         state["ready"] = True
         try:
             yield
         finally:
             state["ready"] = False
+            warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warming
             await router.aclose()
             await http.aclose()
 

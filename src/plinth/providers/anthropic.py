@@ -49,6 +49,8 @@ DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_MAX_TOKENS = 4096
 # The tool that carries a JSON answer when the request asked for response_format.
 JSON_TOOL = "json_response"
+# Signatures other vendors issued (Gemini's thought signatures are carried as "gemini:<signature>").
+FOREIGN_SIGNATURE_PREFIXES = ("gemini:",)
 
 _FINISH: dict[str, FinishReason] = {
     "end_turn": "stop",
@@ -100,8 +102,14 @@ def _thinking_block(part: ThinkingPart) -> dict[str, Any]:
     return {"type": "thinking", "thinking": part.text, "signature": part.signature}
 
 
+def _anthropic_signature(part: ThinkingPart) -> bool:
+    """Anthropic verifies thinking signatures: unsigned thinking and another vendor's signatures
+    (Gemini's travel as `gemini:...`) would be refused, so only Anthropic's own go back."""
+    return bool(part.signature) and not (part.signature or "").startswith(FOREIGN_SIGNATURE_PREFIXES)
+
+
 def _content_blocks(parts: list[ContentPart]) -> list[dict[str, Any]]:
-    """Anthropic rejects empty text blocks and unsigned thinking, so both are left out."""
+    """Anthropic rejects empty text blocks and thinking it did not sign, so both are left out."""
     blocks: list[dict[str, Any]] = []
     for part in parts:
         if isinstance(part, TextPart):
@@ -109,7 +117,7 @@ def _content_blocks(parts: list[ContentPart]) -> list[dict[str, Any]]:
                 blocks.append(_text_block(part))
         elif isinstance(part, ImagePart):
             blocks.append(_image_block(part))
-        elif part.signature:
+        elif _anthropic_signature(part):
             blocks.append(_thinking_block(part))
     return blocks
 

@@ -70,6 +70,8 @@ SERVICE = "bedrock"
 EVENTSTREAM_TYPE = "application/vnd.amazon.eventstream"
 # Name of the tool that emulates response_format (Bedrock has no JSON mode).
 JSON_TOOL = "json_response"
+# Signatures other vendors issued (Gemini's thought signatures are carried as "gemini:<signature>").
+FOREIGN_SIGNATURE_PREFIXES = ("gemini:",)
 IMAGE_FORMATS = {
     "image/png": "png",
     "image/jpeg": "jpeg",
@@ -254,7 +256,7 @@ def _message_blocks(message: Message) -> list[JSON]:
                     blocks.append({"cachePoint": {"type": "default"}})
         elif isinstance(part, ImagePart):
             blocks.append(_image_block(part))
-        elif isinstance(part, ThinkingPart):
+        elif isinstance(part, ThinkingPart) and _replayable(part):
             blocks.append(_reasoning_block(part))
     blocks.extend(_tool_use_block(call) for call in message.tool_calls)
     return blocks
@@ -279,9 +281,20 @@ def _image_block(part: ImagePart) -> JSON:
     return {"image": {"format": fmt, "source": {"bytes": part.data}}}
 
 
+def _replayable(part: ThinkingPart) -> bool:
+    """Only reasoning that Bedrock itself signed (or redacted) goes back.
+
+    Claude on Bedrock refuses reasoning without a valid signature, another vendor's signatures
+    (Gemini's travel as `gemini:...`) fail that check, and models with unsigned reasoning
+    (DeepSeek-R1) want it left out of the history.
+    """
+    return bool(part.signature) and not (part.signature or "").startswith(FOREIGN_SIGNATURE_PREFIXES)
+
+
 def _reasoning_block(part: ThinkingPart) -> JSON:
     if part.redacted:
-        return {"reasoningContent": {"redactedContent": part.text}}
+        # Plinth keeps redacted reasoning's opaque data in `signature` (as the Anthropic codecs do).
+        return {"reasoningContent": {"redactedContent": part.signature or part.text}}
     text: JSON = {"text": part.text}
     if part.signature is not None:
         text["signature"] = part.signature
@@ -497,7 +510,8 @@ def _add_block(message: Message, block: Any, json_tool: str | None) -> None:
     elif "reasoningContent" in block:
         reasoning = block["reasoningContent"]
         if "redactedContent" in reasoning:
-            message.content.append(ThinkingPart(text=reasoning["redactedContent"], redacted=True))
+            data = reasoning["redactedContent"]
+            message.content.append(ThinkingPart(text="", signature=data, redacted=True))
         else:
             text = reasoning.get("reasoningText") or {}
             message.content.append(ThinkingPart(text=text.get("text", ""), signature=text.get("signature")))

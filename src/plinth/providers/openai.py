@@ -88,6 +88,7 @@ def request_to_openai(
     *,
     stream_usage: bool,
     max_tokens_field: str = "max_completion_tokens",
+    send_top_k: bool = True,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {}
     if request.protocol == "openai":
@@ -100,8 +101,8 @@ def request_to_openai(
         value = getattr(request, name)
         if value is not None:
             body[name] = value
-    if request.top_k is not None and request.protocol != "openai":
-        body["top_k"] = request.top_k  # vLLM and Ollama accept it; OpenAI ignores unknown sampling
+    if send_top_k and request.top_k is not None and request.protocol != "openai":
+        body["top_k"] = request.top_k  # vLLM and Ollama accept it; OpenAI and Azure refuse it (400)
     if request.stop:
         body["stop"] = request.stop
     if request.n != 1:
@@ -264,6 +265,8 @@ class OpenAIProvider(Provider):
     default_base_url = "https://api.openai.com/v1"
     # OpenAI deprecated max_tokens; many OpenAI-compatible servers know only max_tokens.
     max_tokens_field = "max_completion_tokens"
+    # OpenAI and Azure answer 400 to top_k; vLLM, Ollama and llama.cpp take it.
+    sends_top_k = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -282,7 +285,11 @@ class OpenAIProvider(Provider):
 
     async def chat(self, request: ChatRequest, upstream_model: str) -> ChatResponse:
         body = request_to_openai(
-            request, upstream_model, stream_usage=False, max_tokens_field=self.max_tokens_field
+            request,
+            upstream_model,
+            stream_usage=False,
+            max_tokens_field=self.max_tokens_field,
+            send_top_k=self.sends_top_k,
         )
         resp = await self.http.post(
             self._chat_url,
@@ -299,6 +306,7 @@ class OpenAIProvider(Provider):
             upstream_model,
             stream_usage=self.deployment.stream_usage,
             max_tokens_field=self.max_tokens_field,
+            send_top_k=self.sends_top_k,
         )
         resp = await self.http.open_stream(
             self._chat_url,
@@ -371,6 +379,7 @@ class OpenAICompatibleProvider(OpenAIProvider):
     type_name = "openai_compatible"
     default_base_url = "http://127.0.0.1:8000/v1"
     max_tokens_field = "max_tokens"
+    sends_top_k = True
 
 
 class AzureOpenAIProvider(OpenAIProvider):
