@@ -248,3 +248,36 @@ def test_backoff_is_capped_jittered_and_respects_retry_after() -> None:
     assert all(0 <= d <= 1.0 for d in delays) and len(set(delays)) > 100
     assert backoff_delay(0, routing, 0.8) >= 0.8
     assert backoff_delay(0, routing, 30) == 1.0  # never wait past the cap
+
+
+async def test_bad_credentials_fall_back_without_retrying_the_broken_deployment(
+    gateway_factory: Any, openai_upstream: OpenAIUpstream, second_upstream: OpenAIUpstream
+) -> None:
+    server = gateway_factory(two_deployments(openai_upstream.url, second_upstream.url, {"retries": 0}))
+    openai_upstream.queue(Reply(status=401, body={"error": {"message": "invalid api key"}}))
+    raw = await ask(server)
+    assert raw.headers["x-plinth-deployment"] == "secondary"
+    assert len(openai_upstream.requests) == 1  # asked once, not retried
+
+    single = gateway_factory({"models": [{"name": "gpt-4o-mini", "deployments": [openai_deployment(openai_upstream.url)]}]})
+    openai_upstream.queue(Reply(status=404, body={"error": {"message": "no such model"}}))
+    with pytest.raises(openai.APIStatusError) as info:
+        await ask(single)
+    assert info.value.status_code == 502 and len(openai_upstream.requests) == 2
+
+
+async def test_backoff_waits_do_not_count_as_plinth_overhead(gateway_factory: Any, openai_upstream: OpenAIUpstream) -> None:
+    config = {
+        "models": [
+            {
+                "name": "gpt-4o-mini",
+                "routing": {"retries": 1, "backoff_base_s": 0.01, "backoff_max_s": 0.6},
+                "deployments": [openai_deployment(openai_upstream.url)],
+            }
+        ]
+    }
+    server = gateway_factory(config)
+    openai_upstream.queue(Reply(status=429, body={"error": {"message": "wait"}}, headers={"retry-after": "0.5"}))
+    raw = await ask(server)
+    assert len(openai_upstream.requests) == 2
+    assert float(raw.headers["x-plinth-overhead-ms"]) < 250  # the 500 ms wait is the upstream's

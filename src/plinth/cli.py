@@ -115,6 +115,8 @@ def serve(
         "http": "httptools",
         "timeout_graceful_shutdown": int(server.shutdown_timeout_s),
         "server_header": False,
+        # Nothing reads the client address yet; X-Forwarded-* handling would only cost time.
+        "proxy_headers": False,
     }
     err.print(
         f"Plinth {__version__} on http://{bind_host}:{bind_port} ({n_workers} worker(s))", highlight=False

@@ -118,6 +118,7 @@ def default_config(env: Mapping[str, str]) -> PlinthConfig:
     models = [
         ModelConfig(
             name=f"{provider}/*",
+            type="any",
             deployments=[DeploymentConfig(provider=provider, model="*", api_key=SecretStr(env[variable]))],
         )
         for provider, variable in _DEFAULT_PROVIDER_KEYS

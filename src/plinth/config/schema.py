@@ -52,6 +52,12 @@ class DeploymentConfig(_Strict):
     stream_usage: bool = True
     embedding_dimensions: int | None = None
 
+    @field_validator("api_key", "aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+    @classmethod
+    def _empty_secret_is_none(cls, v: SecretStr | None) -> SecretStr | None:
+        # `${VAR:-}` yields "": treat it as "no credential", not as an empty one to send.
+        return v if v is None or v.get_secret_value() else None
+
 
 class RoutingConfig(_Strict):
     strategy: RoutingStrategy = "priority"
@@ -68,7 +74,8 @@ class ModelConfig(_Strict):
     """A catalog entry: the name clients ask for and the deployments that can serve it."""
 
     name: str
-    type: Literal["chat", "embedding"] = "chat"
+    # What the model serves; a wildcard alias that fronts a whole provider can serve "any".
+    type: Literal["chat", "embedding", "any"] = "chat"
     deployments: Annotated[list[DeploymentConfig], Field(min_length=1)]
     routing: RoutingConfig = RoutingConfig()
     owned_by: str = "plinth"

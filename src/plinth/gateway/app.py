@@ -22,8 +22,9 @@ from plinth.config import PlinthConfig, load_config
 from plinth.gateway import anthropic_protocol, openai_protocol
 from plinth.gateway.errors import GatewayError
 from plinth.gateway.pipeline import (
+    ChatProtocol,
+    Endpoint,
     Gateway,
-    InboundProtocol,
     error_response,
     handle_chat,
     handle_embeddings,
@@ -39,23 +40,22 @@ from plinth.tenancy import StaticKeyStore
 
 log = logging.getLogger("plinth.gateway")
 
-OPENAI = InboundProtocol(
-    name="openai",
-    route="chat_completions",
+OPENAI_CHAT = ChatProtocol(
+    endpoint=Endpoint("chat_completions", openai_protocol.error_body),
     decode=openai_protocol.decode_chat_request,
     encode=lambda response, _model: openai_protocol.encode_chat_response(response),
     stream_encoder=lambda chat, stream: openai_protocol.StreamEncoder(
         stream.id, stream.model or chat.model, n=chat.n, include_usage=chat.include_usage
     ),
-    error_body=openai_protocol.error_body,
 )
-OPENAI_EMBEDDINGS = InboundProtocol(
-    name="openai",
-    route="embeddings",
-    decode=openai_protocol.decode_chat_request,  # unused: embeddings have their own decoder
-    encode=lambda response, _model: openai_protocol.encode_chat_response(response),
-    stream_encoder=lambda chat, stream: openai_protocol.StreamEncoder(stream.id, chat.model),
-    error_body=openai_protocol.error_body,
+EMBEDDINGS = Endpoint("embeddings", openai_protocol.error_body)
+MODELS = Endpoint("models", openai_protocol.error_body, accepts_x_api_key=True)
+OTHER = Endpoint("other", openai_protocol.error_body)
+ANTHROPIC_ENDPOINT = Endpoint(
+    "messages",
+    anthropic_protocol.error_body,
+    request_id_headers=("x-request-id", "request-id"),
+    accepts_x_api_key=True,
 )
 
 
@@ -64,15 +64,17 @@ def _anthropic_stream_encoder(chat: ChatRequest, stream: ChatStream) -> anthropi
     return anthropic_protocol.StreamEncoder(message_id, chat.model)
 
 
-ANTHROPIC = InboundProtocol(
-    name="anthropic",
-    route="messages",
+ANTHROPIC_MESSAGES = ChatProtocol(
+    endpoint=ANTHROPIC_ENDPOINT,
     decode=anthropic_protocol.decode_request,
     encode=anthropic_protocol.encode_response,
     stream_encoder=_anthropic_stream_encoder,
-    error_body=anthropic_protocol.error_body,
-    request_id_headers=("x-request-id", "request-id"),
 )
+
+
+def _endpoint_for_path(path: str) -> Endpoint:
+    """Which error shape an unrouted or failed request gets: Anthropic's under /v1/messages."""
+    return ANTHROPIC_ENDPOINT if path.startswith("/v1/messages") else OTHER
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,20 +117,20 @@ def create_app(settings: AppSettings) -> Starlette:
     state = {"ready": False}
 
     async def chat_completions(request: Request) -> Response:
-        return await handle_chat(gateway, request, OPENAI)
+        return await handle_chat(gateway, request, OPENAI_CHAT)
 
     async def messages(request: Request) -> Response:
-        return await handle_chat(gateway, request, ANTHROPIC)
+        return await handle_chat(gateway, request, ANTHROPIC_MESSAGES)
 
     async def embeddings(request: Request) -> Response:
-        return await handle_embeddings(gateway, request, OPENAI_EMBEDDINGS)
+        return await handle_embeddings(gateway, request, EMBEDDINGS)
 
     async def list_models(request: Request) -> Response:
         ctx = new_context(request)
         try:
             principal = gateway.authenticate(request, allow_x_api_key=True)
         except GatewayError as err:
-            return error_response(err, ctx, OPENAI)
+            return error_response(err, ctx, MODELS)
         created = int(time.time())
         data = [
             {"id": route.name, "object": "model", "created": created, "owned_by": route.config.owned_by}
@@ -165,15 +167,13 @@ def create_app(settings: AppSettings) -> Starlette:
             )
         else:
             err = GatewayError(status, "The request could not be handled.")
-        protocol = ANTHROPIC if request.url.path.startswith("/v1/messages") else OPENAI
-        return error_response(err, new_context(request), protocol)
+        return error_response(err, new_context(request), _endpoint_for_path(request.url.path))
 
     async def server_error(request: Request, exc: Exception) -> Response:
         ctx = new_context(request)
         log.exception("unhandled error in request %s", ctx.request_id, exc_info=exc)
         err = GatewayError(500, f"Internal error; quote request id {ctx.request_id} to the operator.")
-        protocol = ANTHROPIC if request.url.path.startswith("/v1/messages") else OPENAI
-        return error_response(err, ctx, protocol)
+        return error_response(err, ctx, _endpoint_for_path(request.url.path))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

@@ -8,8 +8,8 @@ shape of this function.
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -42,17 +42,24 @@ class StreamEncoder(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class InboundProtocol:
-    """What differs between the OpenAI and Anthropic front doors."""
+class Endpoint:
+    """How one front door answers: its metrics label, error shape, request-id headers and auth."""
 
-    name: str
     route: str  # metrics label
-    decode: Callable[[Any], ChatRequest]
-    encode: Callable[[ChatResponse, str], dict[str, Any]]
-    stream_encoder: Callable[[ChatRequest, ChatStream], StreamEncoder]
     error_body: Callable[[GatewayError], dict[str, Any]]
     # Response header names carrying the request id (Anthropic's SDK reads `request-id`).
     request_id_headers: tuple[str, ...] = ("x-request-id",)
+    accepts_x_api_key: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChatProtocol:
+    """What differs between the OpenAI and Anthropic chat front doors: their codecs."""
+
+    endpoint: Endpoint
+    decode: Callable[[Any], ChatRequest]
+    encode: Callable[[ChatResponse, str], dict[str, Any]]
+    stream_encoder: Callable[[ChatRequest, ChatStream], StreamEncoder]
 
 
 # --- per-request context ---------------------------------------------------------------------
@@ -73,26 +80,30 @@ def new_context(request: Request) -> RequestContext:
     incoming = request.headers.get("x-request-id")
     if incoming and len(incoming) <= 128 and incoming.isprintable():
         return RequestContext(request_id=incoming)
-    return RequestContext(request_id=f"req_{uuid.uuid4().hex}")
+    return RequestContext(request_id="req_" + os.urandom(16).hex())
 
 
-def response_headers(ctx: RequestContext, protocol: InboundProtocol) -> dict[str, str]:
-    headers = {name: ctx.request_id for name in protocol.request_id_headers}
+def response_headers(ctx: RequestContext, endpoint: Endpoint) -> dict[str, str]:
+    headers = {name: ctx.request_id for name in endpoint.request_id_headers}
     headers["x-plinth-overhead-ms"] = f"{ctx.overhead_ms():.3f}"
     if ctx.attempt.deployment is not None:
         headers["x-plinth-deployment"] = ctx.attempt.deployment
     return headers
 
 
-def error_response(err: GatewayError, ctx: RequestContext, protocol: InboundProtocol) -> Response:
-    headers = response_headers(ctx, protocol)
+def as_gateway_error(exc: GatewayError | ProviderError) -> GatewayError:
+    return exc if isinstance(exc, GatewayError) else GatewayError.from_provider(exc)
+
+
+def error_response(err: GatewayError, ctx: RequestContext, endpoint: Endpoint) -> Response:
+    headers = response_headers(ctx, endpoint)
     headers.update(err.headers)
     if err.retry_after is not None:
         headers["retry-after"] = str(max(1, round(err.retry_after)))
     elif err.status == 429:
         headers["retry-after"] = "1"
-    metrics.REQUESTS.labels(protocol.route, ctx.model_label, str(err.status)).inc()
-    return Response(orjson.dumps(protocol.error_body(err)), err.status, headers, "application/json")
+    metrics.requests_counter(endpoint.route, ctx.model_label, err.status).inc()
+    return Response(orjson.dumps(endpoint.error_body(err)), err.status, headers, "application/json")
 
 
 # --- shared steps ----------------------------------------------------------------------------
@@ -157,7 +168,7 @@ class Gateway:
             code="request_too_large",
         )
 
-    def resolve(self, model: str, principal: Principal) -> ModelRoute:
+    def resolve(self, model: str, principal: Principal, kind: str) -> ModelRoute:
         try:
             route = self.router.resolve(model)
         except UnknownModel:
@@ -170,64 +181,70 @@ class Gateway:
                 403, f"API key '{principal.name}' is not allowed to use model '{model}'.",
                 param="model", code="model_not_allowed",
             )  # fmt: skip
+        if route.config.type not in (kind, "any"):
+            where = "/v1/embeddings" if route.config.type == "embedding" else "a chat endpoint"
+            raise GatewayError(
+                400, f"The model '{model}' is a {route.config.type} model; call it through {where}.",
+                param="model", code="wrong_model_type",
+            )  # fmt: skip
         return route
 
 
-def record_usage(route_label: str, model_label: str, usage: Usage) -> None:
-    metrics.TOKENS.labels(model_label, "input").inc(usage.input_tokens)
-    metrics.TOKENS.labels(model_label, "output").inc(usage.output_tokens)
+def record_usage(meters: metrics.RequestMeters, usage: Usage) -> None:
+    meters.input_tokens.inc(usage.input_tokens)
+    meters.output_tokens.inc(usage.output_tokens)
     if usage.cached_input_tokens:
-        metrics.TOKENS.labels(model_label, "cached_input").inc(usage.cached_input_tokens)
+        meters.cached_input_tokens.inc(usage.cached_input_tokens)
 
 
-def _finish_metrics(ctx: RequestContext, protocol: InboundProtocol, status: int) -> None:
-    metrics.REQUESTS.labels(protocol.route, ctx.model_label, str(status)).inc()
-    metrics.REQUEST_LATENCY.labels(protocol.route, ctx.model_label).observe(time.perf_counter() - ctx.started)
-    metrics.OVERHEAD.labels(protocol.route).observe(ctx.overhead_ms() / 1000)
+def _finish_metrics(ctx: RequestContext, endpoint: Endpoint, status: int) -> None:
+    metrics.requests_counter(endpoint.route, ctx.model_label, status).inc()
+    meters = metrics.request_meters(endpoint.route, ctx.model_label)
+    meters.latency.observe(time.perf_counter() - ctx.started)
+    meters.overhead.observe(ctx.overhead_ms() / 1000)
     if ctx.attempt.deployment is not None:
-        metrics.UPSTREAM_LATENCY.labels(ctx.attempt.deployment).observe(ctx.attempt.upstream_s)
+        metrics.upstream_latency(ctx.attempt.deployment).observe(ctx.attempt.upstream_s)
 
 
 # --- the hot path ----------------------------------------------------------------------------
 
 
-async def handle_chat(gateway: Gateway, request: Request, protocol: InboundProtocol) -> Response:
+async def handle_chat(gateway: Gateway, request: Request, protocol: ChatProtocol) -> Response:
+    endpoint = protocol.endpoint
     ctx = new_context(request)
     try:
         # 1. Identity.
-        principal = gateway.authenticate(request, allow_x_api_key=protocol.name == "anthropic")
+        principal = gateway.authenticate(request, allow_x_api_key=endpoint.accepts_x_api_key)
         # 2. Parse and validate in the caller's protocol.
         chat = protocol.decode(await gateway.read_json(request))
         # 3. Catalog: which model alias, and may this caller use it.
-        route = gateway.resolve(chat.model, principal)
+        route = gateway.resolve(chat.model, principal, "chat")
         ctx.model_label = route.name
         # 4. Policy, guardrails, limits and budgets plug in here (governance, guardrails, tenancy).
         # 5. Route to a deployment and call the provider, with retries and fallback.
         if chat.stream:
             return await _stream(gateway, chat, route, ctx, protocol)
         answer = await gateway.router.chat(route, chat, ctx.attempt)
-    except GatewayError as err:
-        return error_response(err, ctx, protocol)
-    except ProviderError as exc:
-        return error_response(GatewayError.from_provider(exc), ctx, protocol)
+    except (GatewayError, ProviderError) as exc:
+        return error_response(as_gateway_error(exc), ctx, endpoint)
     # 6. Meter and answer.
-    record_usage(protocol.route, ctx.model_label, answer.usage)
+    record_usage(metrics.request_meters(endpoint.route, ctx.model_label), answer.usage)
     body = orjson.dumps(protocol.encode(answer, chat.model))
-    headers = response_headers(ctx, protocol)
-    _finish_metrics(ctx, protocol, 200)
+    headers = response_headers(ctx, endpoint)
+    _finish_metrics(ctx, endpoint, 200)
     return Response(body, 200, headers, "application/json")
 
 
 async def _stream(
-    gateway: Gateway, chat: ChatRequest, route: ModelRoute, ctx: RequestContext, protocol: InboundProtocol
+    gateway: Gateway, chat: ChatRequest, route: ModelRoute, ctx: RequestContext, protocol: ChatProtocol
 ) -> Response:
     # Fallback is possible until the first event: the router returns only once it has one.
     stream, first = await gateway.router.stream_chat(route, chat, ctx.attempt)
     encoder = protocol.stream_encoder(chat, stream)
-    headers = response_headers(ctx, protocol)
-    _finish_metrics(ctx, protocol, 200)
+    headers = response_headers(ctx, protocol.endpoint)
+    _finish_metrics(ctx, protocol.endpoint, 200)
     return StreamingResponse(
-        _relay(stream, first, encoder, ctx, protocol),
+        _relay(stream, first, encoder, ctx, metrics.request_meters(protocol.endpoint.route, ctx.model_label)),
         200,
         {**headers, **_SSE_HEADERS},
         media_type="text/event-stream",
@@ -239,16 +256,16 @@ async def _relay(
     first: StreamEvent,
     encoder: StreamEncoder,
     ctx: RequestContext,
-    protocol: InboundProtocol,
+    meters: metrics.RequestMeters,
 ) -> AsyncIterator[bytes]:
     """Relay upstream events in the caller's protocol; errors after the first byte go in-band."""
     try:
         yield encoder.start() + encoder.encode(first)
         if isinstance(first, UsageEvent):
-            record_usage(protocol.route, ctx.model_label, first.usage)
+            record_usage(meters, first.usage)
         async for event in stream.events:
             if isinstance(event, UsageEvent):
-                record_usage(protocol.route, ctx.model_label, event.usage)
+                record_usage(meters, event.usage)
             chunk = encoder.encode(event)
             if chunk:
                 yield chunk
@@ -262,20 +279,19 @@ async def _relay(
         await stream.aclose()
 
 
-async def handle_embeddings(gateway: Gateway, request: Request, protocol: InboundProtocol) -> Response:
+async def handle_embeddings(gateway: Gateway, request: Request, endpoint: Endpoint) -> Response:
     ctx = new_context(request)
     try:
-        principal = gateway.authenticate(request, allow_x_api_key=False)
+        principal = gateway.authenticate(request, allow_x_api_key=endpoint.accepts_x_api_key)
         embed = openai_protocol.decode_embedding_request(await gateway.read_json(request))
-        route = gateway.resolve(embed.model, principal)
+        route = gateway.resolve(embed.model, principal, "embedding")
         ctx.model_label = route.name
+        # Policy and limits plug in here too: embeddings are model calls like any other.
         answer = await gateway.router.embed(route, embed, ctx.attempt)
-    except GatewayError as err:
-        return error_response(err, ctx, protocol)
-    except ProviderError as exc:
-        return error_response(GatewayError.from_provider(exc), ctx, protocol)
-    record_usage(protocol.route, ctx.model_label, answer.usage)
+    except (GatewayError, ProviderError) as exc:
+        return error_response(as_gateway_error(exc), ctx, endpoint)
+    record_usage(metrics.request_meters(endpoint.route, ctx.model_label), answer.usage)
     body = orjson.dumps(openai_protocol.encode_embedding_response(answer, embed.encoding_format))
-    headers = response_headers(ctx, protocol)
-    _finish_metrics(ctx, protocol, 200)
+    headers = response_headers(ctx, endpoint)
+    _finish_metrics(ctx, endpoint, 200)
     return Response(body, 200, headers, "application/json")

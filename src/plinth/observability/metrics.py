@@ -8,6 +8,8 @@ Label values come from the catalog, never from raw client input, to keep cardina
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from functools import lru_cache
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -42,6 +44,38 @@ UPSTREAM_LATENCY = Histogram(
     ["deployment"],
     buckets=_LATENCY_BUCKETS,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMeters:
+    """The labelled children one (route, model) pair uses, looked up once: `labels()` is not free."""
+
+    latency: Histogram
+    overhead: Histogram
+    input_tokens: Counter
+    output_tokens: Counter
+    cached_input_tokens: Counter
+
+
+@lru_cache(maxsize=4096)
+def request_meters(route: str, model: str) -> RequestMeters:
+    return RequestMeters(
+        latency=REQUEST_LATENCY.labels(route, model),
+        overhead=OVERHEAD.labels(route),
+        input_tokens=TOKENS.labels(model, "input"),
+        output_tokens=TOKENS.labels(model, "output"),
+        cached_input_tokens=TOKENS.labels(model, "cached_input"),
+    )
+
+
+@lru_cache(maxsize=4096)
+def requests_counter(route: str, model: str, status: int) -> Counter:
+    return REQUESTS.labels(route, model, str(status))
+
+
+@lru_cache(maxsize=1024)
+def upstream_latency(deployment: str) -> Histogram:
+    return UPSTREAM_LATENCY.labels(deployment)
 
 
 def render() -> tuple[bytes, str]:

@@ -31,7 +31,9 @@ class ProviderError(Exception):
     """An upstream failure.
 
     `status` is what the caller should see (upstream 4xx caused by the request pass through; upstream
-    auth and server faults become 502). `retryable` is true for 429, 5xx, connect and read timeouts.
+    auth and server faults become 502). `retryable` is true for 429, 5xx, connect and read timeouts:
+    the same or another deployment may succeed later. `fallback` is true when this deployment cannot
+    serve the request at all (bad credentials, unknown upstream model) but another one might.
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class ProviderError(Exception):
         *,
         status: int = 502,
         retryable: bool = False,
+        fallback: bool | None = None,
         retry_after: float | None = None,
         kind: str = "upstream_error",
         param: str | None = None,
@@ -48,6 +51,7 @@ class ProviderError(Exception):
         self.message = message
         self.status = status
         self.retryable = retryable
+        self.fallback = retryable if fallback is None else fallback
         self.retry_after = retry_after
         self.kind = kind
         self.param = param
@@ -84,9 +88,9 @@ def classify_status(status: int, message: str, retry_after: float | None = None)
         )
     if status in (401, 403):
         # The deployment's credentials are wrong: the operator's fault, not the caller's.
-        return ProviderError(message, status=502, kind="upstream_auth")
+        return ProviderError(message, status=502, kind="upstream_auth", fallback=True)
     if status == 404:
-        return ProviderError(message, status=502, kind="upstream_not_found")
+        return ProviderError(message, status=502, kind="upstream_not_found", fallback=True)
     if status == 413:
         return ProviderError(message, status=413, kind="invalid_request")
     return ProviderError(message, status=400 if status < 500 else 502, kind="invalid_request")

@@ -205,15 +205,22 @@ class Router:
         call: Callable[[Deployment], Awaitable[T]],
     ) -> T:
         order = route.order()
-        retries = route.routing.retries
+        attempts_left = route.routing.retries + 1
+        broken: list[Deployment] = []  # cannot serve this request at all: skip, do not retry
+        position = 0
         last_error: ProviderError | None = None
-        for attempt in range(retries + 1):
-            deployment = order[attempt % len(order)]
-            if attempt >= len(order) and last_error is not None:
-                # Every deployment has had a go: wait before asking one of them again.
-                await asyncio.sleep(
-                    backoff_delay(attempt - len(order), route.routing, last_error.retry_after)
-                )
+        while attempts_left > 0:
+            usable = [d for d in order if d not in broken]
+            if not usable:
+                break
+            deployment = usable[position % len(usable)]
+            if position >= len(usable) and last_error is not None:
+                # Every deployment has had a go: wait before asking one of them again. The wait
+                # counts as upstream time: it is the upstream's failure, not Plinth's overhead.
+                delay = backoff_delay(position - len(usable), route.routing, last_error.retry_after)
+                await asyncio.sleep(delay)
+                attempt_info.upstream_s += delay
+            position += 1
             attempt_info.attempts += 1
             attempt_info.deployment = deployment.name
             started = time.perf_counter()
@@ -225,10 +232,15 @@ class Router:
                 attempt_info.upstream_s += time.perf_counter() - started
                 if self._on_upstream_error is not None:
                     self._on_upstream_error(deployment.name, exc)
-                if not exc.retryable:
+                if not exc.fallback:
                     raise
                 deployment.record_failure(route.routing)
                 last_error = exc
+                if exc.retryable:
+                    attempts_left -= 1
+                else:
+                    broken.append(deployment)
+                    position -= 1  # the next usable deployment now sits at this position
                 continue
             finally:
                 deployment.in_flight -= 1
