@@ -322,7 +322,9 @@ async def test_mid_stream_failure_is_reported_in_band(
     assert seen  # the first bytes had already reached the client: no fallback, an in-band error
 
 
-def test_model_type_is_enforced_and_errors_are_labelled_by_endpoint(gateway_factory: Any, basic_config: dict[str, Any]) -> None:
+def test_model_type_is_enforced_and_errors_are_labelled_by_endpoint(
+    gateway_factory: Any, basic_config: dict[str, Any]
+) -> None:
     server = gateway_factory(basic_config)
     auth = {"authorization": f"Bearer {ADMIN_KEY}"}
     chat_on_embedder = httpx.post(
@@ -331,8 +333,12 @@ def test_model_type_is_enforced_and_errors_are_labelled_by_endpoint(gateway_fact
     )  # fmt: skip
     assert chat_on_embedder.status_code == 400
     assert chat_on_embedder.json()["error"]["code"] == "wrong_model_type"
-    embed_on_chat = httpx.post(server.url + "/v1/embeddings", headers=auth, json={"model": "gpt-4o-mini", "input": "x"})
-    assert embed_on_chat.status_code == 400 and "/v1/embeddings" not in embed_on_chat.json()["error"]["message"]
+    embed_on_chat = httpx.post(
+        server.url + "/v1/embeddings", headers=auth, json={"model": "gpt-4o-mini", "input": "x"}
+    )
+    assert (
+        embed_on_chat.status_code == 400 and "/v1/embeddings" not in embed_on_chat.json()["error"]["message"]
+    )
     before = metric(server, "plinth_requests_total", route="models", status="401")
     assert httpx.get(server.url + "/v1/models").status_code == 401
     assert metric(server, "plinth_requests_total", route="models", status="401") == before + 1

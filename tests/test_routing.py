@@ -259,14 +259,18 @@ async def test_bad_credentials_fall_back_without_retrying_the_broken_deployment(
     assert raw.headers["x-plinth-deployment"] == "secondary"
     assert len(openai_upstream.requests) == 1  # asked once, not retried
 
-    single = gateway_factory({"models": [{"name": "gpt-4o-mini", "deployments": [openai_deployment(openai_upstream.url)]}]})
+    single = gateway_factory(
+        {"models": [{"name": "gpt-4o-mini", "deployments": [openai_deployment(openai_upstream.url)]}]}
+    )
     openai_upstream.queue(Reply(status=404, body={"error": {"message": "no such model"}}))
     with pytest.raises(openai.APIStatusError) as info:
         await ask(single)
     assert info.value.status_code == 502 and len(openai_upstream.requests) == 2
 
 
-async def test_backoff_waits_do_not_count_as_plinth_overhead(gateway_factory: Any, openai_upstream: OpenAIUpstream) -> None:
+async def test_backoff_waits_do_not_count_as_plinth_overhead(
+    gateway_factory: Any, openai_upstream: OpenAIUpstream
+) -> None:
     config = {
         "models": [
             {
@@ -277,7 +281,9 @@ async def test_backoff_waits_do_not_count_as_plinth_overhead(gateway_factory: An
         ]
     }
     server = gateway_factory(config)
-    openai_upstream.queue(Reply(status=429, body={"error": {"message": "wait"}}, headers={"retry-after": "0.5"}))
+    openai_upstream.queue(
+        Reply(status=429, body={"error": {"message": "wait"}}, headers={"retry-after": "0.5"})
+    )
     raw = await ask(server)
     assert len(openai_upstream.requests) == 2
     assert float(raw.headers["x-plinth-overhead-ms"]) < 250  # the 500 ms wait is the upstream's
