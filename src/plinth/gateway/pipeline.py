@@ -136,8 +136,8 @@ class Gateway:
             )
         principal = self.keys.authenticate(presented)
         if principal is None:
-            # Never echo the key; the prefix is enough for the caller to recognise which one it was.
-            raise GatewayError(401, f"Invalid API key ({presented[:6]}…).", code="invalid_api_key")
+            # Never echo any part of the presented key: it may be a real secret sent to the wrong place.
+            raise GatewayError(401, "Invalid API key.", code="invalid_api_key")
         return principal
 
     async def read_json(self, request: Request) -> Any:
