@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -28,6 +29,11 @@ class GatewayServer:
     """A Plinth server on a free loopback port, in a daemon thread."""
 
     def __init__(self, config: dict[str, Any], admin_key: str = ADMIN_KEY) -> None:
+        if "storage" not in config:  # every server gets its own fresh SQLite database
+            config = {
+                **config,
+                "storage": {"url": f"sqlite:///{tempfile.mkdtemp(prefix='plinth-test-')}/plinth.db"},
+            }
         settings = AppSettings(config=parse_config(config), admin_key=admin_key)
         self.app = create_app(settings)
         sock = socket.socket()

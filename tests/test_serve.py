@@ -78,6 +78,7 @@ def serve(tmp_path: Path) -> Iterator[list[ServeProcess]]:
 def config_file(tmp_path: Path, upstream: OpenAIUpstream) -> Path:
     path = tmp_path / "plinth.yaml"
     path.write_text(
+        f"storage: {{url: 'sqlite:///{tmp_path}/plinth.db'}}\n"
         f"models:\n  - name: gpt-4o-mini\n    deployments:\n"
         f"      - {{provider: openai_compatible, model: m, base_url: '{upstream.url}', api_key: '${{UPSTREAM_KEY:-x}}'}}\n"
     )

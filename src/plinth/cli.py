@@ -53,6 +53,19 @@ def _check_deployments(settings: PlinthConfig) -> None:
         raise typer.Exit(2) from None
 
 
+def _migrate(settings: PlinthConfig) -> None:
+    from plinth.storage import Database
+
+    database = Database(settings.storage.url.get_secret_value())
+    try:
+        database.migrate()
+    except Exception as exc:  # a database that cannot be reached or upgraded: say so, no traceback
+        err.print(f"[red]Database error[/red]: {type(exc).__name__}: {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    finally:
+        database.dispose()
+
+
 def _admin_key(dev: bool) -> str:
     key = os.environ.get("PLINTH_ADMIN_KEY")
     problem = admin_key_problem(key)
@@ -118,13 +131,15 @@ def serve(
         # Nothing reads the client address yet; X-Forwarded-* handling would only cost time.
         "proxy_headers": False,
     }
+    _migrate(settings)  # once, before any worker starts
     err.print(
         f"Plinth {__version__} on http://{bind_host}:{bind_port} ({n_workers} worker(s))", highlight=False
     )
     if n_workers == 1:
         from plinth.gateway.app import AppSettings, create_app
 
-        uvicorn.run(create_app(AppSettings(settings, admin_key, dev)), **common)  # type: ignore[arg-type]
+        app_settings = AppSettings(settings, admin_key, dev, migrate=False)
+        uvicorn.run(create_app(app_settings), **common)  # type: ignore[arg-type]
         return
     # Several processes: each worker rebuilds the app from the environment.
     metrics_dir = tempfile.mkdtemp(prefix="plinth-metrics-")

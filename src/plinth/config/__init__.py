@@ -8,6 +8,7 @@ from plinth.config.schema import (
     RoutingConfig,
     ServerConfig,
     StaticKeyConfig,
+    StorageConfig,
 )
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "RoutingConfig",
     "ServerConfig",
     "StaticKeyConfig",
+    "StorageConfig",
     "admin_key_problem",
     "default_config",
     "load_config",

@@ -82,9 +82,15 @@ def parse_config(data: Any, *, source: str = "config", env: Mapping[str, str] | 
 def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> PlinthConfig:
     """Load the file at `path`, or build the embedded default when no file is given."""
     environ = os.environ if env is None else env
-    if path is None:
-        return default_config(environ)
-    file = Path(path)
+    config = default_config(environ) if path is None else _load_file(Path(path), environ)
+    database_url = environ.get("PLINTH_DATABASE_URL")
+    if database_url:
+        storage = config.storage.model_copy(update={"url": SecretStr(database_url)})
+        config = config.model_copy(update={"storage": storage})
+    return config
+
+
+def _load_file(file: Path, environ: Mapping[str, str]) -> PlinthConfig:
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -28,6 +28,15 @@ class ServerConfig(_Strict):
     shutdown_timeout_s: Annotated[float, Field(gt=0)] = 30.0
 
 
+class StorageConfig(_Strict):
+    """Where Plinth keeps its state: SQLite by default, PostgreSQL when scaled out."""
+
+    # SQLAlchemy URL: sqlite:///path/plinth.db or postgresql+psycopg://user:pass@host/db
+    url: SecretStr = SecretStr("sqlite:///plinth.db")
+    # How often each worker polls for changed keys: a revoked key stops working within this time.
+    key_refresh_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+
+
 class DeploymentConfig(_Strict):
     """One place a model alias can be served from: a provider, an upstream model and credentials."""
 
@@ -107,6 +116,7 @@ class StaticKeyConfig(_Strict):
 
 class PlinthConfig(_Strict):
     server: ServerConfig = ServerConfig()
+    storage: StorageConfig = StorageConfig()
     models: list[ModelConfig] = Field(default_factory=list)
     keys: list[StaticKeyConfig] = Field(default_factory=list)
 

@@ -36,7 +36,9 @@ from plinth.providers.base import ChatStream, ProviderError
 from plinth.providers.http import HttpClient
 from plinth.providers.types import ChatRequest
 from plinth.routing import Router
-from plinth.tenancy import StaticKeyStore
+from plinth.storage import Database
+from plinth.tenancy import ChainedKeyStore, DatabaseKeyStore, StaticKeyStore
+from plinth.tenancy.service import TenancyService
 
 log = logging.getLogger("plinth.gateway")
 
@@ -82,6 +84,8 @@ class AppSettings:
     config: PlinthConfig
     admin_key: str | None
     dev: bool = False
+    # Apply database migrations at start-up. `plinth serve` does it once before starting workers.
+    migrate: bool = True
 
 
 def _count_upstream_error(deployment: str, exc: ProviderError) -> None:
@@ -112,7 +116,13 @@ def create_app(settings: AppSettings) -> Starlette:
     config = settings.config
     http = HttpClient()
     router = Router(config, http, on_upstream_error=_count_upstream_error)
-    keys = StaticKeyStore(settings.admin_key, list(config.keys))
+    database = Database(config.storage.url.get_secret_value())
+    if settings.migrate:
+        database.migrate()
+    tenancy = TenancyService(database)
+    database_keys = DatabaseKeyStore(tenancy)
+    database_keys.refresh()
+    keys = ChainedKeyStore(StaticKeyStore(settings.admin_key, list(config.keys)), database_keys)
     gateway = Gateway(router, keys, max_body_bytes=config.server.max_body_bytes)
     state = {"ready": False}
 
@@ -180,16 +190,21 @@ def create_app(settings: AppSettings) -> Starlette:
         # Providers that load something heavy (the local embedding model) warm up in the
         # background: the gateway is ready at once for every other model.
         warming = asyncio.create_task(_warm_up(router), name="plinth-warmup")
+        following = asyncio.create_task(
+            database_keys.follow(config.storage.key_refresh_s), name="plinth-key-refresh"
+        )
         state["ready"] = True
         try:
             yield
         finally:
             state["ready"] = False
-            warming.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await warming
+            for task in (warming, following):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await router.aclose()
             await http.aclose()
+            database.dispose()
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -218,5 +233,6 @@ def app_from_environment() -> Starlette:
             config=config,
             admin_key=os.environ.get("PLINTH_ADMIN_KEY"),
             dev=os.environ.get("PLINTH_DEV") == "1",
+            migrate=False,  # the `plinth serve` supervisor migrated before starting workers
         )
     )

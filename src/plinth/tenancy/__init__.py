@@ -1,5 +1,12 @@
-"""Tenancy: identities, API keys and (later) organizations, teams, projects, limits and budgets."""
+"""Tenancy: organizations, teams, projects, virtual API keys and users with roles."""
 
-from plinth.tenancy.keys import KeyStore, Principal, StaticKeyStore, key_digest
+from plinth.tenancy.keys import (
+    ChainedKeyStore,
+    DatabaseKeyStore,
+    KeyStore,
+    Principal,
+    StaticKeyStore,
+    key_digest,
+)
 
-__all__ = ["KeyStore", "Principal", "StaticKeyStore", "key_digest"]
+__all__ = ["ChainedKeyStore", "DatabaseKeyStore", "KeyStore", "Principal", "StaticKeyStore", "key_digest"]

@@ -1,0 +1,1 @@
+"""Metering: prices, cost per request, usage records and spend reports."""

@@ -1,0 +1,299 @@
+"""Tenancy operations: the one place that writes organizations, teams, projects, keys and users.
+
+The admin API and the CLI both call these; later the audit trail hooks in here too. Every write
+that the gateway caches bumps the change counter in the same transaction, so workers see it on
+their next poll.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from plinth.storage import Base, Database, utcnow
+from plinth.tenancy.keys import key_digest
+from plinth.tenancy.models import (
+    ApiKey,
+    ChangeCounter,
+    DataClass,
+    Organization,
+    Project,
+    Role,
+    Team,
+    User,
+)
+
+KEY_PREFIX = "sk-plinth-"
+USER_TOKEN_PREFIX = "pt-"
+VISIBLE_CHARS = 8  # random characters kept in the visible prefix
+
+M = TypeVar("M", bound=Base)
+
+
+class TenancyError(Exception):
+    status = 400
+
+
+class NotFound(TenancyError):
+    status = 404
+
+
+class Conflict(TenancyError):
+    status = 409
+
+
+def new_secret(prefix: str) -> tuple[str, str]:
+    """A fresh secret and the prefix of it that may be shown (e.g. `sk-plinth-AbC12xYz`)."""
+    secret = prefix + secrets.token_urlsafe(32)
+    return secret, secret[: len(prefix) + VISIBLE_CHARS]
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedKey:
+    key: ApiKey
+    secret: str  # shown once, never stored
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedUser:
+    user: User
+    token: str  # shown once, never stored
+
+
+def _bump(session: Session) -> int:
+    """Advance the change counter inside the caller's transaction and return the new value."""
+    counter = session.get(ChangeCounter, 1, with_for_update=True)
+    if counter is None:
+        counter = ChangeCounter(id=1, seq=0)
+        session.add(counter)
+    counter.seq += 1
+    session.flush()
+    return counter.seq
+
+
+def _get(session: Session, model: type[M], ident: str, what: str) -> M:
+    row = session.get(model, ident)
+    if row is None:
+        raise NotFound(f"{what} '{ident}' does not exist")
+    return row
+
+
+class TenancyService:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def _commit(self, session: Session, what: str) -> None:
+        try:
+            session.flush()
+        except IntegrityError:
+            raise Conflict(f"{what} already exists") from None
+
+    # --- organizations, teams, projects ----------------------------------------------------
+
+    def create_org(self, name: str) -> Organization:
+        with self.db.session() as session:
+            org = Organization(name=_name(name, "organization"))
+            session.add(org)
+            self._commit(session, f"organization '{name}'")
+            return org
+
+    def list_orgs(self) -> list[Organization]:
+        with self.db.session() as session:
+            return list(session.scalars(select(Organization).order_by(Organization.name)))
+
+    def create_team(self, org_id: str, name: str) -> Team:
+        with self.db.session() as session:
+            _get(session, Organization, org_id, "organization")
+            team = Team(org_id=org_id, name=_name(name, "team"))
+            session.add(team)
+            self._commit(session, f"team '{name}' in organization {org_id}")
+            return team
+
+    def list_teams(self, org_id: str | None = None) -> list[Team]:
+        with self.db.session() as session:
+            query = select(Team).order_by(Team.name)
+            if org_id is not None:
+                query = query.where(Team.org_id == org_id)
+            return list(session.scalars(query))
+
+    def get_team(self, team_id: str) -> Team:
+        with self.db.session() as session:
+            return _get(session, Team, team_id, "team")
+
+    def create_project(self, team_id: str, name: str) -> Project:
+        with self.db.session() as session:
+            _get(session, Team, team_id, "team")
+            project = Project(team_id=team_id, name=_name(name, "project"))
+            session.add(project)
+            self._commit(session, f"project '{name}' in team {team_id}")
+            return project
+
+    def list_projects(self, team_id: str | None = None) -> list[Project]:
+        with self.db.session() as session:
+            query = select(Project).order_by(Project.name)
+            if team_id is not None:
+                query = query.where(Project.team_id == team_id)
+            return list(session.scalars(query))
+
+    # --- keys ------------------------------------------------------------------------------
+
+    def create_key(
+        self,
+        team_id: str,
+        name: str,
+        *,
+        project_id: str | None = None,
+        allowed_models: list[str] | None = None,
+        expires_at: dt.datetime | None = None,
+        environment: str | None = None,
+        data_class: str = DataClass.INTERNAL.value,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        created_by: str | None = None,
+        rotated_from: str | None = None,
+    ) -> CreatedKey:
+        if data_class not in DataClass.__members__.values():
+            levels = ", ".join(d.value for d in DataClass)
+            raise TenancyError(f"data_class must be one of {levels}, not '{data_class}'")
+        if expires_at is not None and expires_at <= utcnow():
+            raise TenancyError("expires_at must be in the future")
+        secret, prefix = new_secret(KEY_PREFIX)
+        with self.db.session() as session:
+            _get(session, Team, team_id, "team")
+            if project_id is not None and _get(session, Project, project_id, "project").team_id != team_id:
+                raise TenancyError(f"project '{project_id}' does not belong to team '{team_id}'")
+            key = ApiKey(
+                team_id=team_id,
+                project_id=project_id,
+                name=_name(name, "key"),
+                prefix=prefix,
+                key_hash=key_digest(secret),
+                allowed_models=allowed_models,
+                environment=environment,
+                data_class=data_class,
+                tags=tags or [],
+                extra=metadata or {},
+                created_by=created_by,
+                expires_at=expires_at,
+                rotated_from=rotated_from,
+                change_seq=_bump(session),
+            )
+            session.add(key)
+            self._commit(session, f"key '{name}'")
+            return CreatedKey(key, secret)
+
+    def list_keys(self, team_id: str | None = None, *, include_revoked: bool = False) -> list[ApiKey]:
+        with self.db.session() as session:
+            query = select(ApiKey).order_by(ApiKey.created_at)
+            if team_id is not None:
+                query = query.where(ApiKey.team_id == team_id)
+            if not include_revoked:
+                query = query.where(ApiKey.revoked_at.is_(None))
+            return list(session.scalars(query))
+
+    def get_key(self, key_id: str) -> ApiKey:
+        with self.db.session() as session:
+            return _get(session, ApiKey, key_id, "key")
+
+    def revoke_key(self, key_id: str, reason: str | None = None) -> ApiKey:
+        with self.db.session() as session:
+            key = _get(session, ApiKey, key_id, "key")
+            if key.revoked_at is None:
+                key.revoked_at = utcnow()
+                key.revoked_reason = reason
+                key.change_seq = _bump(session)
+            return key
+
+    def rotate_key(self, key_id: str, *, created_by: str | None = None) -> CreatedKey:
+        """Issue a new secret with the same settings and revoke the old one, atomically for callers."""
+        old = self.get_key(key_id)
+        if old.revoked_at is not None:
+            raise TenancyError(f"key '{key_id}' is revoked; create a new key instead")
+        created = self.create_key(
+            old.team_id,
+            old.name,
+            project_id=old.project_id,
+            allowed_models=old.allowed_models,
+            expires_at=old.expires_at if old.expires_at and old.expires_at > utcnow() else None,
+            environment=old.environment,
+            data_class=old.data_class,
+            tags=old.tags,
+            metadata=old.extra,
+            created_by=created_by,
+            rotated_from=old.id,
+        )
+        self.revoke_key(key_id, reason=f"rotated to {created.key.id}")
+        return created
+
+    # --- users -----------------------------------------------------------------------------
+
+    def create_user(
+        self, email: str, role: str, *, team_id: str | None = None, name: str | None = None
+    ) -> CreatedUser:
+        if role not in Role.__members__.values():
+            raise TenancyError(f"role must be one of {', '.join(r.value for r in Role)}, not '{role}'")
+        if role in (Role.TEAM_ADMIN, Role.DEVELOPER) and team_id is None:
+            raise TenancyError(f"a {role} belongs to a team: give team_id")
+        token, prefix = new_secret(USER_TOKEN_PREFIX)
+        with self.db.session() as session:
+            if team_id is not None:
+                _get(session, Team, team_id, "team")
+            user = User(
+                email=_name(email, "email"),
+                name=name,
+                role=role,
+                team_id=team_id,
+                token_prefix=prefix,
+                token_hash=key_digest(token),
+                change_seq=_bump(session),
+            )
+            session.add(user)
+            self._commit(session, f"user '{email}'")
+            return CreatedUser(user, token)
+
+    def list_users(self) -> list[User]:
+        with self.db.session() as session:
+            return list(session.scalars(select(User).order_by(User.email)))
+
+    def user_by_token(self, token: str) -> User | None:
+        with self.db.session() as session:
+            user = session.scalar(select(User).where(User.token_hash == key_digest(token)))
+            return user if user is not None and user.disabled_at is None else None
+
+    # --- change feed for caches ------------------------------------------------------------
+
+    def current_seq(self) -> int:
+        with self.db.session() as session:
+            counter = session.get(ChangeCounter, 1)
+            return counter.seq if counter is not None else 0
+
+    def keys_changed_since(self, seq: int) -> list[tuple[ApiKey, str]]:
+        """Keys written after `seq`, each with its team's organization id."""
+        with self.db.session() as session:
+            rows = session.execute(
+                select(ApiKey, Team.org_id)
+                .join(Team, Team.id == ApiKey.team_id)
+                .where(ApiKey.change_seq > seq)
+                .order_by(ApiKey.change_seq)
+            )
+            return [(key, org_id) for key, org_id in rows]
+
+    def touch_all_keys(self) -> None:
+        """Mark every key changed (used after bulk edits done outside this service)."""
+        with self.db.session() as session:
+            session.execute(update(ApiKey).values(change_seq=_bump(session)))
+
+
+def _name(value: str, what: str) -> str:
+    value = value.strip()
+    if not value:
+        raise TenancyError(f"{what} name must not be empty")
+    if len(value) > 200:
+        raise TenancyError(f"{what} name is longer than 200 characters")
+    return value
