@@ -9,6 +9,7 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
+from mocks import fixtures
 from mocks.anthropic_upstream import (
     AnthropicUpstream,
     Reply,
@@ -21,6 +22,7 @@ from mocks.anthropic_upstream import (
     tool_reply,
     usage,
 )
+from mocks.fixtures import WEATHER, user
 from plinth.config.schema import DeploymentConfig
 from plinth.providers.anthropic import AnthropicProvider
 from plinth.providers.base import ChatStream, ProviderError
@@ -36,7 +38,6 @@ from plinth.providers.types import (
     TextPart,
     ThinkingDelta,
     ThinkingPart,
-    Tool,
     ToolCall,
     ToolCallDelta,
     ToolChoice,
@@ -44,11 +45,7 @@ from plinth.providers.types import (
 )
 
 API_KEY = "sk-ant-test-secret-0123456789"
-WEATHER = Tool(
-    name="get_weather",
-    description="Weather for a city",
-    parameters={"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-)
+http = fixtures.http  # the shared HttpClient fixture
 
 
 @pytest.fixture
@@ -69,14 +66,8 @@ def _provider(http: HttpClient, base_url: str) -> AnthropicProvider:
 
 
 @pytest.fixture
-async def provider(upstream: AnthropicUpstream) -> AsyncIterator[AnthropicProvider]:
-    http = HttpClient()
-    yield _provider(http, upstream.url)
-    await http.aclose()
-
-
-def user(text: str) -> Message:
-    return Message(role="user", content=[TextPart(text)])
+def provider(upstream: AnthropicUpstream, http: HttpClient) -> AnthropicProvider:
+    return _provider(http, upstream.url)
 
 
 def ask(*messages: Message, **kwargs: Any) -> ChatRequest:
@@ -105,12 +96,8 @@ async def test_headers_url_and_defaults(provider: AnthropicProvider, upstream: A
     }
 
 
-async def test_base_url_with_v1_suffix(upstream: AnthropicUpstream) -> None:
-    http = HttpClient()
-    try:
-        await _provider(http, upstream.url + "/v1/").chat(ask(), "m")
-    finally:
-        await http.aclose()
+async def test_base_url_with_v1_suffix(upstream: AnthropicUpstream, http: HttpClient) -> None:
+    await _provider(http, upstream.url + "/v1/").chat(ask(), "m")
     assert upstream.last.path == "/v1/messages"
 
 

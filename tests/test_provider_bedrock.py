@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from mocks import fixtures
 from mocks.bedrock_upstream import (
     ACCESS_KEY,
     REGION,
@@ -26,6 +27,7 @@ from mocks.bedrock_upstream import (
     text_stream,
     usage,
 )
+from mocks.fixtures import WEATHER, user
 from plinth.config.schema import DeploymentConfig
 from plinth.providers.base import ProviderError, UnsupportedOperation
 from plinth.providers.bedrock import BedrockProvider
@@ -42,7 +44,6 @@ from plinth.providers.types import (
     TextPart,
     ThinkingDelta,
     ThinkingPart,
-    Tool,
     ToolCall,
     ToolCallDelta,
     ToolChoice,
@@ -50,24 +51,13 @@ from plinth.providers.types import (
 )
 
 MODEL = "anthropic.claude-3-5-sonnet-20240620-v1:0"
-WEATHER = Tool(
-    name="get_weather",
-    description="Weather for a city",
-    parameters={"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-)
+http = fixtures.http  # the shared HttpClient fixture
 
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[BedrockUpstream]:
     async with BedrockUpstream() as server:
         yield server
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[HttpClient]:
-    client = HttpClient()
-    yield client
-    await client.aclose()
 
 
 def deployment(upstream: BedrockUpstream, **overrides: Any) -> DeploymentConfig:
@@ -85,10 +75,6 @@ def deployment(upstream: BedrockUpstream, **overrides: Any) -> DeploymentConfig:
 
 def provider(upstream: BedrockUpstream, http: HttpClient, **overrides: Any) -> BedrockProvider:
     return BedrockProvider(deployment(upstream, **overrides), http, name="test/bedrock/0")
-
-
-def user(text: str) -> Message:
-    return Message(role="user", content=[TextPart(text)])
 
 
 def chat_request(*messages: Message, **kwargs: Any) -> ChatRequest:

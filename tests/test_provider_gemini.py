@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from mocks import fixtures
+from mocks.fixtures import user
 from mocks.gemini_upstream import (
     GeminiUpstream,
     candidate,
@@ -40,6 +42,7 @@ from plinth.providers.types import (
 )
 
 API_KEY = "AIza-test-secret-key"
+http = fixtures.http  # the shared HttpClient fixture
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +52,12 @@ async def upstream() -> AsyncIterator[GeminiUpstream]:
 
 
 @pytest.fixture
-async def provider(upstream: GeminiUpstream) -> AsyncIterator[GeminiProvider]:
+def provider(upstream: GeminiUpstream, http: HttpClient) -> GeminiProvider:
     upstream.reset()
-    http = HttpClient()
     deployment = DeploymentConfig(
         provider="gemini", model="gemini-2.5-flash", base_url=upstream.url, api_key=API_KEY
     )
-    yield GeminiProvider(deployment, http, name="gemini-test")
-    await http.aclose()
-
-
-def user(text: str) -> Message:
-    return Message(role="user", content=[TextPart(text)])
+    return GeminiProvider(deployment, http, name="gemini-test")
 
 
 async def collect(provider: GeminiProvider, request: ChatRequest) -> list[StreamEvent]:
@@ -549,31 +546,23 @@ async def test_mid_stream_disconnect(provider: GeminiProvider, upstream: GeminiU
     assert info.value.retryable
 
 
-async def test_connect_error_is_retryable() -> None:
-    http = HttpClient()
+async def test_connect_error_is_retryable(http: HttpClient) -> None:
     deployment = DeploymentConfig(
         provider="gemini", model="g", base_url="http://127.0.0.1:1", connect_timeout_s=1
     )
     provider = GeminiProvider(deployment, http, name="down")
-    try:
-        with pytest.raises(ProviderError) as info:
-            await provider.chat(ChatRequest(model="m", messages=[user("hi")]), "g")
-        assert info.value.retryable
-    finally:
-        await http.aclose()
+    with pytest.raises(ProviderError) as info:
+        await provider.chat(ChatRequest(model="m", messages=[user("hi")]), "g")
+    assert info.value.retryable
 
 
-async def test_base_url_with_version_and_model_prefix(upstream: GeminiUpstream) -> None:
+async def test_base_url_with_version_and_model_prefix(upstream: GeminiUpstream, http: HttpClient) -> None:
     upstream.reset()
-    http = HttpClient()
     deployment = DeploymentConfig(provider="gemini", model="g", base_url=upstream.url + "/v1beta/")
     provider = GeminiProvider(deployment, http, name="v")
-    try:
-        await provider.chat(ChatRequest(model="m", messages=[user("hi")]), "models/gemini-2.0-flash")
-        assert upstream.last.path == "/v1beta/models/gemini-2.0-flash:generateContent"
-        assert "x-goog-api-key" not in upstream.last.headers
-    finally:
-        await http.aclose()
+    await provider.chat(ChatRequest(model="m", messages=[user("hi")]), "models/gemini-2.0-flash")
+    assert upstream.last.path == "/v1beta/models/gemini-2.0-flash:generateContent"
+    assert "x-goog-api-key" not in upstream.last.headers
 
 
 # --- embeddings ------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from mocks.server import LoopbackServer
+
 Event = tuple[str, dict[str, Any]]
 
 
@@ -181,14 +183,13 @@ def _protocol_error(body: Any, headers: dict[str, str]) -> Reply | None:
     return None
 
 
-class AnthropicUpstream:
+class AnthropicUpstream(LoopbackServer):
     """The mock server. `requests` records every request; `last` is the latest."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.requests: list[Recorded] = []
         self._replies: deque[Reply] = deque()
-        self._runner: web.AppRunner | None = None
-        self.url = ""
 
     def queue(self, *replies: Reply) -> None:
         self._replies.extend(replies)
@@ -197,27 +198,10 @@ class AnthropicUpstream:
     def last(self) -> Recorded:
         return self.requests[-1]
 
-    async def start(self) -> AnthropicUpstream:
+    def make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/messages", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> AnthropicUpstream:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+        return app
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()

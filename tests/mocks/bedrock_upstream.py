@@ -25,6 +25,8 @@ from urllib.parse import quote, unquote
 import orjson
 from aiohttp import web
 
+from mocks.server import LoopbackServer
+
 ACCESS_KEY = "AKIDPLINTHTEST000001"
 SECRET_KEY = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYPLINTHTEST"
 REGION = "us-east-1"
@@ -196,7 +198,7 @@ class SignatureRejected(Exception):
 # --- The server -----------------------------------------------------------------------------
 
 
-class BedrockUpstream:
+class BedrockUpstream(LoopbackServer):
     def __init__(
         self,
         *,
@@ -206,6 +208,7 @@ class BedrockUpstream:
         region: str = REGION,
         api_key: str | None = None,
     ) -> None:
+        super().__init__()
         self.access_key = access_key
         self.secret_key = secret_key
         self.session_token = session_token
@@ -214,13 +217,7 @@ class BedrockUpstream:
         self.requests: list[RecordedRequest] = []
         self.rejected: list[str] = []  # why each refused signature was refused
         self._queue: list[JsonResponse | StreamResponse] = []
-        self._runner: web.AppRunner | None = None
-        self.port = 0
         self.default_text = "Hello from Bedrock"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def queue(self, *responses: JsonResponse | StreamResponse) -> None:
         self._queue.extend(responses)
@@ -230,26 +227,10 @@ class BedrockUpstream:
         self.requests.clear()
         self.rejected.clear()
 
-    async def start(self) -> BedrockUpstream:
+    def make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
-        return self
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> BedrockUpstream:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+        return app
 
     # -- request handling --
 

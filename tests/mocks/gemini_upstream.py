@@ -24,6 +24,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from mocks.server import LoopbackServer
+
 # --- response builders -----------------------------------------------------------------------
 
 
@@ -112,39 +114,17 @@ class Scripted:
     disconnect: bool = False  # drop the connection after the chunks, without ending the stream
 
 
-class GeminiUpstream:
+class GeminiUpstream(LoopbackServer):
     def __init__(self, *, embedding_dimensions: int = 8) -> None:
+        super().__init__()
         self.requests: list[RecordedRequest] = []
         self.embedding_dimensions = embedding_dimensions
         self._queue: deque[Scripted] = deque()
-        self._runner: web.AppRunner | None = None
-        self._port = 0
 
-    # lifecycle
-    async def start(self) -> GeminiUpstream:
+    def make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self._port = int(self._runner.addresses[0][1])
-        return self
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> GeminiUpstream:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._port}"
+        return app
 
     @property
     def last(self) -> RecordedRequest:

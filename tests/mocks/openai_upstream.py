@@ -14,6 +14,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from mocks.server import LoopbackServer
+
 
 @dataclass
 class Reply:
@@ -82,38 +84,28 @@ def text_stream(*pieces: str, usage: dict[str, Any] | None = None) -> list[Any]:
     return chunks
 
 
-class OpenAIUpstream:
+class OpenAIUpstream(LoopbackServer):
     def __init__(self) -> None:
+        super().__init__()
         self.replies: list[Reply] = []
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.paths: list[str] = []
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{super().url}/v1"
 
     def queue(self, *replies: Reply) -> None:
         self.replies.extend(replies)
 
-    async def start(self) -> OpenAIUpstream:
+    def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/openai/v1/chat/completions", self._chat)
         app.router.add_post("/openai/deployments/{name}/chat/completions", self._chat)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        return app
 
     def _record(self, request: web.Request, body: Any) -> None:
         self.requests.append(body)
