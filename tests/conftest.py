@@ -7,14 +7,18 @@ official SDKs (sync or async) while mock upstreams run on the test's loop.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 import uvicorn
 
 from mocks.openai_upstream import OpenAIUpstream
@@ -115,3 +119,30 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+# --- databases: SQLite always, PostgreSQL when scripts/services started one ---------------------
+
+POSTGRES_URL = os.environ.get("PLINTH_TEST_POSTGRES_URL")
+REDIS_URL = os.environ.get("PLINTH_TEST_REDIS_URL")
+needs_postgres = pytest.mark.skipif(
+    not POSTGRES_URL, reason="no PostgreSQL: run under scripts/test as root or CI"
+)
+needs_redis = pytest.mark.skipif(not REDIS_URL, reason="no Redis: run under scripts/test as root or CI")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each kind: a SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/plinth.db"
+        return
+    assert POSTGRES_URL is not None
+    name = f"plinth_test_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    yield POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,12 +59,27 @@ class Database:
 
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
-        with self.engine.begin() as connection:
+        # One migrator at a time when several processes start together: the others wait, then
+        # find the schema current and do nothing.
+        with self._migration_lock(), self.engine.begin() as connection:
             if not self.is_sqlite:
-                # One migrator at a time when several replicas start together.
                 connection.exec_driver_sql("SELECT pg_advisory_xact_lock(81726354)")
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
+
+    @contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        """A file lock beside a SQLite database (PostgreSQL uses an advisory lock instead)."""
+        if not self.is_sqlite or self.url.database in (None, "", ":memory:"):
+            yield
+            return
+        lock_path = Path(str(self.url.database)).expanduser().with_suffix(".migrate.lock")
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def dispose(self) -> None:
         self.engine.dispose()
