@@ -123,28 +123,13 @@ async def test_revocation_reaches_every_process_within_a_second(database_url: st
     env = {**os.environ, "PLINTH_ADMIN_KEY": ADMIN}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     ports = [_free_port(), _free_port()]
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "plinth",
-                "serve",
-                "--config",
-                str(config),
-                "--port",
-                str(port),
-                "--workers",
-                "2",
-                "--log-level",
-                "warning",
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        for port in ports
-    ]
+
+    def serve(port: int) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "plinth", "serve", "--config", str(config), "--port", str(port)]
+        command += ["--workers", "2", "--log-level", "warning"]
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    procs = [serve(port) for port in ports]
     try:
         async with httpx.AsyncClient(timeout=5) as http:
             for port in ports:
