@@ -163,3 +163,16 @@ def test_unknown_provider_and_incomplete_deployments_are_config_errors(tmp_path:
         path = write(tmp_path, text)
         result = runner.invoke(app, ["config", "check", "--config", str(path)])
         assert result.exit_code == 2 and fragment in result.output, result.output
+
+
+def test_db_upgrade_creates_the_schema_and_reports_unreachable_databases(tmp_path: Path) -> None:
+    runner = CliRunner()
+    good = write(tmp_path, f"storage: {{url: 'sqlite:///{tmp_path}/state/plinth.db'}}\n")
+    result = runner.invoke(app, ["db", "upgrade", "--config", str(good)])
+    assert result.exit_code == 0 and "current" in result.output
+    assert (tmp_path / "state" / "plinth.db").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("storage: {url: 'postgresql+psycopg://nobody:secret-pw@127.0.0.1:1/x'}\n")
+    result = runner.invoke(app, ["db", "upgrade", "--config", str(bad)])
+    assert result.exit_code == 2 and "Database error" in result.output
+    assert "secret-pw" not in result.output

@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect and validate configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+db_app = typer.Typer(help="Database schema: migrations.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 err = Console(stderr=True)
 
 ConfigOption = Annotated[
@@ -172,6 +174,14 @@ def config_check(config: ConfigOption = None) -> None:
             f"  {model.name} ({model.type}, {model.routing.strategy}) -> {deployments}", highlight=False
         )
     console.print(f"  {len(settings.keys)} static key(s)", highlight=False)
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Apply pending migrations (`plinth serve` also does this at start-up)."""
+    settings = _load(config)
+    _migrate(settings)
+    Console().print("[green]Database schema is current.[/green]")
 
 
 @app.command()
