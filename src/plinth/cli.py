@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from plinth import __version__
+from plinth.admin import cli as admin_cli
 from plinth.config import ConfigError, PlinthConfig, admin_key_problem, load_config
 
 app = typer.Typer(
@@ -25,6 +26,11 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect and validate configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(admin_cli.orgs_app, name="orgs")
+app.add_typer(admin_cli.teams_app, name="teams")
+app.add_typer(admin_cli.projects_app, name="projects")
+app.add_typer(admin_cli.keys_app, name="keys")
+app.add_typer(admin_cli.users_app, name="users")
 db_app = typer.Typer(help="Database schema: migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 err = Console(stderr=True)
@@ -66,6 +72,21 @@ def _migrate(settings: PlinthConfig) -> None:
         raise typer.Exit(2) from None
     finally:
         database.dispose()
+
+
+def _check_limits(settings: PlinthConfig, workers: int) -> None:
+    """Refuse several workers counting limits in their own memory: the limits would not hold."""
+    from plinth.limits import exactness_problem
+    from plinth.storage import Database
+
+    database = Database(settings.storage.url.get_secret_value())
+    try:
+        problem = exactness_problem(settings, workers, database)
+    finally:
+        database.dispose()
+    if problem is not None:
+        err.print(f"[red]Refusing to start:[/red] {problem}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
 
 
 def _admin_key(dev: bool) -> str:
@@ -134,6 +155,7 @@ def serve(
         "proxy_headers": False,
     }
     _migrate(settings)  # once, before any worker starts
+    _check_limits(settings, n_workers)
     err.print(
         f"Plinth {__version__} on http://{bind_host}:{bind_port} ({n_workers} worker(s))", highlight=False
     )

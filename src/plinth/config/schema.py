@@ -37,6 +37,22 @@ class StorageConfig(_Strict):
     key_refresh_s: Annotated[float, Field(gt=0, le=60)] = 0.5
 
 
+class PriceConfig(_Strict):
+    """USD per million tokens; overrides the built-in catalog (negotiated or self-hosted rates)."""
+
+    input_per_mtok: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    output_per_mtok: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    # Prompt-cache reads and writes; absent: billed like uncached input.
+    cached_input_per_mtok: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    cache_write_per_mtok: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+
+
+class RedisConfig(_Strict):
+    """Shared fast-changing state (limit counters, budgets in flight, caches) across processes."""
+
+    url: SecretStr | None = None  # redis://host:6379/0; None: in-process state (one process only)
+
+
 class DeploymentConfig(_Strict):
     """One place a model alias can be served from: a provider, an upstream model and credentials."""
 
@@ -60,6 +76,7 @@ class DeploymentConfig(_Strict):
     # Upstream accepts stream_options.include_usage (true for OpenAI, vLLM, recent Ollama).
     stream_usage: bool = True
     embedding_dimensions: int | None = None
+    price: PriceConfig | None = None  # overrides the model's price and the catalog
 
     @field_validator("api_key", "aws_access_key_id", "aws_secret_access_key", "aws_session_token")
     @classmethod
@@ -79,6 +96,16 @@ class RoutingConfig(_Strict):
     cooldown_s: Annotated[float, Field(ge=0)] = 30.0
 
 
+class LimitsConfig(_Strict):
+    """Ceilings for one model alias across every caller (see docs/limits.md); None: unlimited."""
+
+    rpm: Annotated[int, Field(ge=1)] | None = None
+    tpm: Annotated[int, Field(ge=1)] | None = None
+    max_concurrency: Annotated[int, Field(ge=1)] | None = None
+    # Output tokens reserved against tokens/min limits when a request sets no max_tokens.
+    default_max_output_tokens: Annotated[int, Field(ge=0)] = 1024
+
+
 class ModelConfig(_Strict):
     """A catalog entry: the name clients ask for and the deployments that can serve it."""
 
@@ -88,6 +115,8 @@ class ModelConfig(_Strict):
     deployments: Annotated[list[DeploymentConfig], Field(min_length=1)]
     routing: RoutingConfig = RoutingConfig()
     owned_by: str = "plinth"
+    price: PriceConfig | None = None  # for every deployment without its own price
+    limits: LimitsConfig | None = None
 
     @field_validator("name")
     @classmethod
@@ -117,6 +146,7 @@ class StaticKeyConfig(_Strict):
 class PlinthConfig(_Strict):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
+    redis: RedisConfig = RedisConfig()
     models: list[ModelConfig] = Field(default_factory=list)
     keys: list[StaticKeyConfig] = Field(default_factory=list)
 

@@ -26,6 +26,7 @@ class Call:
     request_id: str
     principal: Principal
     route: ModelRoute
+    model: str  # the name the client asked for (under a wildcard alias, more than the alias)
     estimated_input_tokens: int
     max_output_tokens: int | None
     stream: bool = False

@@ -18,8 +18,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from plinth.admin.api import admin_routes
+from plinth.budgets import create_budgets
 from plinth.config import PlinthConfig, load_config
 from plinth.gateway import anthropic_protocol, openai_protocol
+from plinth.gateway.admission import Admissions
 from plinth.gateway.errors import GatewayError
 from plinth.gateway.pipeline import (
     ChatProtocol,
@@ -30,6 +33,8 @@ from plinth.gateway.pipeline import (
     handle_embeddings,
     new_context,
 )
+from plinth.limits import build_limiter
+from plinth.metering import PriceBook, UsageRecorder
 from plinth.observability import metrics
 from plinth.observability.metrics import UPSTREAM_ERRORS
 from plinth.providers.base import ChatStream, ProviderError
@@ -123,7 +128,17 @@ def create_app(settings: AppSettings) -> Starlette:
     database_keys = DatabaseKeyStore(tenancy)
     database_keys.refresh()
     keys = ChainedKeyStore(StaticKeyStore(settings.admin_key, list(config.keys)), database_keys)
-    gateway = Gateway(router, keys, max_body_bytes=config.server.max_body_bytes)
+    usage = UsageRecorder(database, PriceBook(router.all_routes()))
+    limiter = build_limiter(config)  # Redis when redis.url is set, else in-process
+    redis_url = config.redis.url.get_secret_value() if config.redis.url is not None else None
+    budgets = create_budgets(database, usage.prices, redis_url)  # same prices as the usage records
+    gateway = Gateway(
+        router,
+        keys,
+        max_body_bytes=config.server.max_body_bytes,
+        usage=usage,
+        admissions=Admissions([limiter, budgets]),
+    )
     state = {"ready": False}
 
     async def chat_completions(request: Request) -> Response:
@@ -193,6 +208,8 @@ def create_app(settings: AppSettings) -> Starlette:
         following = asyncio.create_task(
             database_keys.follow(config.storage.key_refresh_s), name="plinth-key-refresh"
         )
+        usage.start()
+        budgets.start(config.storage.key_refresh_s)
         state["ready"] = True
         try:
             yield
@@ -204,6 +221,9 @@ def create_app(settings: AppSettings) -> Starlette:
                     await task
             await router.aclose()
             await http.aclose()
+            await usage.aclose()  # write every buffered usage record before the database closes
+            await limiter.aclose()
+            await budgets.aclose()  # settlements in flight and pending budget events
             database.dispose()
 
     routes = [
@@ -216,12 +236,15 @@ def create_app(settings: AppSettings) -> Starlette:
         Route("/models", list_models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        admin_routes(tenancy, keys),
     ]
     if config.server.metrics:
         routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
     handlers: dict[Any, Any] = {HTTPException: http_error, Exception: server_error}
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.gateway = gateway
+    app.state.usage = usage
+    app.state.budgets = budgets
     return app
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -19,9 +20,12 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from plinth.gateway import openai_protocol
+from plinth.gateway.admission import Admissions, Call, Hold, Outcome, settle
 from plinth.gateway.errors import GatewayError
+from plinth.metering.recorder import UsageRecorder
 from plinth.observability import metrics
 from plinth.providers.base import ChatStream, ProviderError
+from plinth.providers.tokens import estimate_prompt_tokens
 from plinth.providers.types import ChatRequest, ChatResponse, StreamEvent, Usage, UsageEvent
 from plinth.routing import Attempt, ModelRoute, Router, UnknownModel
 from plinth.tenancy import KeyStore, Principal
@@ -71,6 +75,12 @@ class RequestContext:
     started: float = field(default_factory=time.perf_counter)
     attempt: Attempt = field(default_factory=Attempt)
     model_label: str = "unknown"
+    principal: Principal | None = None
+    # The model the client asked for, set once the catalog resolved it: from then on the request
+    # gets a usage record, whatever its outcome.
+    metered_model: str | None = None
+    # What admission steps reserved for this request; settled once with the outcome.
+    holds: list[Hold] = field(default_factory=list)
 
     def overhead_ms(self) -> float:
         return max(0.0, (time.perf_counter() - self.started - self.attempt.upstream_s) * 1000)
@@ -112,10 +122,38 @@ def error_response(err: GatewayError, ctx: RequestContext, endpoint: Endpoint) -
 class Gateway:
     """Everything the hot path needs, built once at start-up."""
 
-    def __init__(self, router: Router, keys: KeyStore, *, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        router: Router,
+        keys: KeyStore,
+        *,
+        max_body_bytes: int,
+        usage: UsageRecorder | None = None,
+        admissions: Admissions | None = None,
+    ) -> None:
         self.router = router
         self.keys = keys
         self.max_body_bytes = max_body_bytes
+        self.usage = usage
+        self.admissions = admissions or Admissions([])
+
+    async def admit(
+        self, ctx: RequestContext, principal: Principal, route: ModelRoute, chat: ChatRequest | None
+    ) -> list[Hold]:
+        """Run the admission steps (limits, budgets); nothing at all when none is configured."""
+        if not self.admissions or ctx.metered_model is None:
+            return []
+        call = Call(
+            request_id=ctx.request_id,
+            principal=principal,
+            route=route,
+            model=ctx.metered_model,
+            estimated_input_tokens=estimate_prompt_tokens(chat) if chat is not None else 0,
+            max_output_tokens=chat.max_tokens if chat is not None else None,
+            stream=chat.stream if chat is not None else False,
+        )
+        ctx.holds = await self.admissions.admit(call)
+        return ctx.holds
 
     def authenticate(self, request: Request, *, allow_x_api_key: bool) -> Principal:
         presented: str | None = None
@@ -197,6 +235,52 @@ def record_usage(meters: metrics.RequestMeters, usage: Usage) -> None:
         meters.cached_input_tokens.inc(usage.cached_input_tokens)
 
 
+def meter_request(
+    gateway: Gateway,
+    ctx: RequestContext,
+    endpoint: Endpoint,
+    status: int,
+    usage: Usage | None,
+    *,
+    cache_hit: bool = False,
+) -> None:
+    """Settle the admission holds and queue the usage record, once per request that reached routing.
+
+    O(1) on the hot path: holds settle in memory and the recorder only appends."""
+    if ctx.holds:
+        holds, ctx.holds = ctx.holds, []
+        settle(holds, Outcome(status, usage, ctx.attempt.deployment, cache_hit))
+    if gateway.usage is None or ctx.metered_model is None:
+        return
+    gateway.usage.record(
+        ctx.request_id, ctx.principal, endpoint.route, ctx.model_label, ctx.metered_model,
+        ctx.attempt.deployment, status, usage, (time.perf_counter() - ctx.started) * 1000, cache_hit,
+    )  # fmt: skip
+
+
+class _StreamMeter:
+    """Records a stream's usage exactly once: when it ends, fails, or is abandoned by the client."""
+
+    __slots__ = ("ctx", "done", "endpoint", "gateway", "usage")
+
+    def __init__(self, gateway: Gateway, ctx: RequestContext, endpoint: Endpoint) -> None:
+        self.gateway = gateway
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.usage: Usage | None = None
+        self.done = False
+
+    def add(self, usage: Usage) -> None:
+        if self.usage is None:
+            self.usage = Usage()
+        self.usage.add(usage)
+
+    def finish(self, status: int) -> None:
+        if not self.done:
+            self.done = True
+            meter_request(self.gateway, self.ctx, self.endpoint, status, self.usage)
+
+
 def _finish_metrics(ctx: RequestContext, endpoint: Endpoint, status: int) -> None:
     metrics.requests_counter(endpoint.route, ctx.model_label, status).inc()
     meters = metrics.request_meters(endpoint.route, ctx.model_label)
@@ -214,21 +298,27 @@ async def handle_chat(gateway: Gateway, request: Request, protocol: ChatProtocol
     ctx = new_context(request)
     try:
         # 1. Identity.
-        principal = gateway.authenticate(request, allow_x_api_key=endpoint.accepts_x_api_key)
+        principal = ctx.principal = gateway.authenticate(request, allow_x_api_key=endpoint.accepts_x_api_key)
         # 2. Parse and validate in the caller's protocol.
         chat = protocol.decode(await gateway.read_json(request))
         # 3. Catalog: which model alias, and may this caller use it.
         route = gateway.resolve(chat.model, principal, "chat")
         ctx.model_label = route.name
-        # 4. Policy, guardrails, limits and budgets plug in here (governance, guardrails, tenancy).
-        # 5. Route to a deployment and call the provider, with retries and fallback.
+        ctx.metered_model = chat.model
+        # 4. Policy and guardrails plug in here (governance, guardrails).
+        # 5. Limits and budgets: reserve now; settled with the outcome by meter_request.
+        await gateway.admit(ctx, principal, route, chat)
+        # 6. Route to a deployment and call the provider, with retries and fallback.
         if chat.stream:
             return await _stream(gateway, chat, route, ctx, protocol)
         answer = await gateway.router.chat(route, chat, ctx.attempt)
     except (GatewayError, ProviderError) as exc:
-        return error_response(as_gateway_error(exc), ctx, endpoint)
-    # 6. Meter and answer.
+        err = as_gateway_error(exc)
+        meter_request(gateway, ctx, endpoint, err.status, None)
+        return error_response(err, ctx, endpoint)
+    # 7. Meter, settle and answer.
     record_usage(metrics.request_meters(endpoint.route, ctx.model_label), answer.usage)
+    meter_request(gateway, ctx, endpoint, 200, answer.usage)
     body = orjson.dumps(protocol.encode(answer, chat.model))
     headers = response_headers(ctx, endpoint)
     _finish_metrics(ctx, endpoint, 200)
@@ -243,8 +333,15 @@ async def _stream(
     encoder = protocol.stream_encoder(chat, stream)
     headers = response_headers(ctx, protocol.endpoint)
     _finish_metrics(ctx, protocol.endpoint, 200)
+    meter = _StreamMeter(gateway, ctx, protocol.endpoint)
+    body = _relay(
+        stream, first, encoder, ctx, metrics.request_meters(protocol.endpoint.route, ctx.model_label), meter
+    )
+    # A body the server never iterates (client gone before the first byte) never runs its
+    # `finally`; recording on collection keeps "one record per answered request" true even then.
+    weakref.finalize(body, meter.finish, 499).atexit = False
     return StreamingResponse(
-        _relay(stream, first, encoder, ctx, metrics.request_meters(protocol.endpoint.route, ctx.model_label)),
+        body,
         200,
         {**headers, **_SSE_HEADERS},
         media_type="text/event-stream",
@@ -257,40 +354,59 @@ async def _relay(
     encoder: StreamEncoder,
     ctx: RequestContext,
     meters: metrics.RequestMeters,
+    meter: _StreamMeter,
 ) -> AsyncIterator[bytes]:
-    """Relay upstream events in the caller's protocol; errors after the first byte go in-band."""
+    """Relay upstream events in the caller's protocol; errors after the first byte go in-band.
+
+    The usage record is written when the stream ends: 200 when complete, the in-band error's status
+    after an upstream failure, 499 when the client went away; with whatever usage was metered."""
+    status = 499  # until the upstream finished or failed: only a client disconnect leaves it so
     try:
         yield encoder.start() + encoder.encode(first)
         if isinstance(first, UsageEvent):
             record_usage(meters, first.usage)
+            meter.add(first.usage)
         async for event in stream.events:
             if isinstance(event, UsageEvent):
                 record_usage(meters, event.usage)
+                meter.add(event.usage)
             chunk = encoder.encode(event)
             if chunk:
                 yield chunk
+        status = 200
         yield encoder.finish()
     except ProviderError as exc:
         exc.deployment = exc.deployment or ctx.attempt.deployment
         log.warning("stream %s failed mid-way: %s", ctx.request_id, exc.message)
         metrics.UPSTREAM_ERRORS.labels(ctx.attempt.deployment or "unknown", exc.kind).inc()
-        yield encoder.error(GatewayError.from_provider(exc))
+        err = GatewayError.from_provider(exc)
+        status = err.status
+        yield encoder.error(err)
+    except Exception:
+        status = 500
+        raise
     finally:
+        meter.finish(status)
         await stream.aclose()
 
 
 async def handle_embeddings(gateway: Gateway, request: Request, endpoint: Endpoint) -> Response:
     ctx = new_context(request)
     try:
-        principal = gateway.authenticate(request, allow_x_api_key=endpoint.accepts_x_api_key)
+        principal = ctx.principal = gateway.authenticate(request, allow_x_api_key=endpoint.accepts_x_api_key)
         embed = openai_protocol.decode_embedding_request(await gateway.read_json(request))
         route = gateway.resolve(embed.model, principal, "embedding")
         ctx.model_label = route.name
-        # Policy and limits plug in here too: embeddings are model calls like any other.
+        ctx.metered_model = embed.model
+        # Policy, limits and budgets apply here too: embeddings are model calls like any other.
+        await gateway.admit(ctx, principal, route, None)
         answer = await gateway.router.embed(route, embed, ctx.attempt)
     except (GatewayError, ProviderError) as exc:
-        return error_response(as_gateway_error(exc), ctx, endpoint)
+        err = as_gateway_error(exc)
+        meter_request(gateway, ctx, endpoint, err.status, None)
+        return error_response(err, ctx, endpoint)
     record_usage(metrics.request_meters(endpoint.route, ctx.model_label), answer.usage)
+    meter_request(gateway, ctx, endpoint, 200, answer.usage)
     body = orjson.dumps(openai_protocol.encode_embedding_response(answer, embed.encoding_format))
     headers = response_headers(ctx, endpoint)
     _finish_metrics(ctx, endpoint, 200)

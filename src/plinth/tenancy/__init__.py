@@ -5,8 +5,17 @@ from plinth.tenancy.keys import (
     DatabaseKeyStore,
     KeyStore,
     Principal,
+    RateLimits,
     StaticKeyStore,
     key_digest,
 )
 
-__all__ = ["ChainedKeyStore", "DatabaseKeyStore", "KeyStore", "Principal", "StaticKeyStore", "key_digest"]
+__all__ = [
+    "ChainedKeyStore",
+    "DatabaseKeyStore",
+    "KeyStore",
+    "Principal",
+    "RateLimits",
+    "StaticKeyStore",
+    "key_digest",
+]

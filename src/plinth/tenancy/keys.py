@@ -19,10 +19,26 @@ from typing import TYPE_CHECKING, Protocol
 from plinth.config.schema import StaticKeyConfig
 
 if TYPE_CHECKING:
-    from plinth.tenancy.models import ApiKey
+    from plinth.tenancy.models import ApiKey, Team
     from plinth.tenancy.service import TenancyService
 
 log = logging.getLogger("plinth.tenancy")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """Ceilings of one key or team (enforced by plinth.limits); None: unlimited."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrency: int | None = None
+
+    @classmethod
+    def of(cls, row: ApiKey | Team) -> RateLimits | None:
+        """The row's limits, or None when it has none (so the gateway can skip limiting at once)."""
+        if row.rpm_limit is None and row.tpm_limit is None and row.max_concurrency is None:
+            return None
+        return cls(row.rpm_limit, row.tpm_limit, row.max_concurrency)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +56,9 @@ class Principal:
     data_class: str = "internal"
     tags: tuple[str, ...] = field(default=())
     expires_at: float | None = None  # Unix time
+    team_name: str | None = None
+    limits: RateLimits | None = None  # the key's own
+    team_limits: RateLimits | None = None  # the team's, shared by all its keys
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
@@ -73,7 +92,7 @@ class StaticKeyStore:
         return self._by_digest.get(digest)
 
 
-def principal_for(key: ApiKey, org_id: str) -> Principal:
+def principal_for(key: ApiKey, team: Team) -> Principal:
     expires = calendar.timegm(key.expires_at.timetuple()) if key.expires_at is not None else None
     return Principal(
         name=key.name,
@@ -81,11 +100,14 @@ def principal_for(key: ApiKey, org_id: str) -> Principal:
         key_id=key.id,
         team_id=key.team_id,
         project_id=key.project_id,
-        org_id=org_id,
+        org_id=team.org_id,
         environment=key.environment,
         data_class=key.data_class,
         tags=tuple(key.tags or ()),
         expires_at=float(expires) if expires is not None else None,
+        team_name=team.name,
+        limits=RateLimits.of(key),
+        team_limits=RateLimits.of(team),
     )
 
 
@@ -109,12 +131,12 @@ class DatabaseKeyStore:
     def refresh(self) -> int:
         """Apply every key change since the last refresh; returns how many keys changed. Blocking."""
         changed = self._service.keys_changed_since(self._seq)
-        for key, org_id in changed:
+        for key, team in changed:
             old = self._digest_by_id.pop(key.id, None)
             if old is not None:
                 self._by_digest.pop(old, None)
             if key.revoked_at is None:
-                self._by_digest[key.key_hash] = principal_for(key, org_id)
+                self._by_digest[key.key_hash] = principal_for(key, team)
                 self._digest_by_id[key.id] = key.key_hash
             self._seq = max(self._seq, key.change_seq)
         return len(changed)

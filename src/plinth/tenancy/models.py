@@ -54,6 +54,10 @@ class Team(Base):
     org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id", ondelete="RESTRICT"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # Limits shared by all the team's keys (see plinth.limits); None: unlimited.
+    rpm_limit: Mapped[int | None] = mapped_column(Integer)
+    tpm_limit: Mapped[int | None] = mapped_column(Integer)
+    max_concurrency: Mapped[int | None] = mapped_column(Integer)
 
 
 class Project(Base):
@@ -88,6 +92,10 @@ class ApiKey(Base):
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     revoked_reason: Mapped[str | None] = mapped_column(String(500))
     rotated_from: Mapped[str | None] = mapped_column(String(40))
+    # Limits of this key alone (see plinth.limits); None: unlimited.
+    rpm_limit: Mapped[int | None] = mapped_column(Integer)
+    tpm_limit: Mapped[int | None] = mapped_column(Integer)
+    max_concurrency: Mapped[int | None] = mapped_column(Integer)
     change_seq: Mapped[int] = mapped_column(BigInteger, index=True, default=0)
 
 

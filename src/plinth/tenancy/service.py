@@ -107,10 +107,19 @@ class TenancyService:
         with self.db.session() as session:
             return list(session.scalars(select(Organization).order_by(Organization.name)))
 
-    def create_team(self, org_id: str, name: str) -> Team:
+    def create_team(
+        self,
+        org_id: str,
+        name: str,
+        *,
+        rpm_limit: int | None = None,
+        tpm_limit: int | None = None,
+        max_concurrency: int | None = None,
+    ) -> Team:
+        limits = _limits(rpm_limit, tpm_limit, max_concurrency)
         with self.db.session() as session:
             _get(session, Organization, org_id, "organization")
-            team = Team(org_id=org_id, name=_name(name, "team"))
+            team = Team(org_id=org_id, name=_name(name, "team"), **limits)
             session.add(team)
             self._commit(session, f"team '{name}' in organization {org_id}")
             return team
@@ -125,6 +134,20 @@ class TenancyService:
     def get_team(self, team_id: str) -> Team:
         with self.db.session() as session:
             return _get(session, Team, team_id, "team")
+
+    def set_team_limits(
+        self, team_id: str, *, rpm_limit: int | None, tpm_limit: int | None, max_concurrency: int | None
+    ) -> Team:
+        """Replace the team's limits (None: unlimited). Its keys are re-stamped so every worker
+        reloads them, with the new team limits, on its next poll."""
+        limits = _limits(rpm_limit, tpm_limit, max_concurrency)
+        with self.db.session() as session:
+            team = _get(session, Team, team_id, "team")
+            for attr, value in limits.items():
+                setattr(team, attr, value)
+            seq = _bump(session)
+            session.execute(update(ApiKey).where(ApiKey.team_id == team_id).values(change_seq=seq))
+            return team
 
     def create_project(self, team_id: str, name: str) -> Project:
         with self.db.session() as session:
@@ -157,7 +180,11 @@ class TenancyService:
         metadata: dict[str, Any] | None = None,
         created_by: str | None = None,
         rotated_from: str | None = None,
+        rpm_limit: int | None = None,
+        tpm_limit: int | None = None,
+        max_concurrency: int | None = None,
     ) -> CreatedKey:
+        limits = _limits(rpm_limit, tpm_limit, max_concurrency)
         if data_class not in DataClass.__members__.values():
             levels = ", ".join(d.value for d in DataClass)
             raise TenancyError(f"data_class must be one of {levels}, not '{data_class}'")
@@ -183,6 +210,7 @@ class TenancyService:
                 expires_at=expires_at,
                 rotated_from=rotated_from,
                 change_seq=_bump(session),
+                **limits,
             )
             session.add(key)
             self._commit(session, f"key '{name}'")
@@ -200,6 +228,18 @@ class TenancyService:
     def get_key(self, key_id: str) -> ApiKey:
         with self.db.session() as session:
             return _get(session, ApiKey, key_id, "key")
+
+    def set_key_limits(
+        self, key_id: str, *, rpm_limit: int | None, tpm_limit: int | None, max_concurrency: int | None
+    ) -> ApiKey:
+        """Replace the key's own limits (None: unlimited); workers pick them up on their next poll."""
+        limits = _limits(rpm_limit, tpm_limit, max_concurrency)
+        with self.db.session() as session:
+            key = _get(session, ApiKey, key_id, "key")
+            for attr, value in limits.items():
+                setattr(key, attr, value)
+            key.change_seq = _bump(session)
+            return key
 
     def revoke_key(self, key_id: str, reason: str | None = None) -> ApiKey:
         with self.db.session() as session:
@@ -227,6 +267,9 @@ class TenancyService:
             metadata=old.extra,
             created_by=created_by,
             rotated_from=old.id,
+            rpm_limit=old.rpm_limit,
+            tpm_limit=old.tpm_limit,
+            max_concurrency=old.max_concurrency,
         )
         self.revoke_key(key_id, reason=f"rotated to {created.key.id}")
         return created
@@ -273,21 +316,30 @@ class TenancyService:
             counter = session.get(ChangeCounter, 1)
             return counter.seq if counter is not None else 0
 
-    def keys_changed_since(self, seq: int) -> list[tuple[ApiKey, str]]:
-        """Keys written after `seq`, each with its team's organization id."""
+    def keys_changed_since(self, seq: int) -> list[tuple[ApiKey, Team]]:
+        """Keys written after `seq`, each with its team (organization id, name and limits)."""
         with self.db.session() as session:
             rows = session.execute(
-                select(ApiKey, Team.org_id)
+                select(ApiKey, Team)
                 .join(Team, Team.id == ApiKey.team_id)
                 .where(ApiKey.change_seq > seq)
                 .order_by(ApiKey.change_seq)
             )
-            return [(key, org_id) for key, org_id in rows]
+            return [(key, team) for key, team in rows]
 
     def touch_all_keys(self) -> None:
         """Mark every key changed (used after bulk edits done outside this service)."""
         with self.db.session() as session:
             session.execute(update(ApiKey).values(change_seq=_bump(session)))
+
+
+def _limits(rpm: int | None, tpm: int | None, concurrency: int | None) -> dict[str, int | None]:
+    """Validated limit columns: each None (unlimited) or a positive whole number."""
+    limits = {"rpm_limit": rpm, "tpm_limit": tpm, "max_concurrency": concurrency}
+    for name, value in limits.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise TenancyError(f"{name} must be a whole number of at least 1, or null for no limit")
+    return limits
 
 
 def _name(value: str, what: str) -> str:

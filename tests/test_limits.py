@@ -1,0 +1,532 @@
+"""Limits: requests/min, tokens/min and concurrency per key, team and model.
+
+Every backend test runs in-process and, when scripts/services started one, against real Redis.
+The must-show: two `plinth serve` processes sharing one database and one Redis admit exactly the
+key's 100 requests/min out of a 600-request burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import ADMIN_KEY, REDIS_URL, GatewayServer, needs_redis, openai_deployment, wait_for
+from mocks.openai_upstream import OpenAIUpstream
+from plinth.config.schema import LimitsConfig, ModelConfig, RoutingConfig
+from plinth.gateway.admission import Call, Outcome
+from plinth.gateway.errors import GatewayError
+from plinth.limits import (
+    NO_HOLD,
+    Backend,
+    InProcessBackend,
+    LimitHold,
+    RateLimiter,
+    RedisBackend,
+    Refusal,
+    Scope,
+    exactness_problem,
+)
+from plinth.providers.types import Usage
+from plinth.routing import ModelRoute
+from plinth.storage import Database
+from plinth.tenancy import Principal, RateLimits
+from plinth.tenancy.service import TenancyError, TenancyService
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def uid(prefix: str) -> str:
+    """Scope ids unique per test, so Redis counters of other tests (or runs) never interfere."""
+    return f"{prefix}:{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
+async def make_backend(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Backend]]:
+    made: list[Backend] = []
+
+    def make(window_s: float = 60.0, lease_s: float = 30.0) -> Backend:
+        backend: Backend
+        if request.param == "memory":
+            backend = InProcessBackend(window_s=window_s, lease_s=lease_s)
+        else:
+            assert REDIS_URL is not None
+            backend = RedisBackend(REDIS_URL, window_s=window_s, lease_s=lease_s)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        await backend.aclose()
+
+
+async def settled(backend: Backend) -> None:
+    """Wait until released entries reached the backend (Redis releases are batched)."""
+    if isinstance(backend, RedisBackend):
+        await backend.flush()
+
+
+# --- the algorithms -------------------------------------------------------------------------------
+
+
+def test_sliding_window_is_exact() -> None:
+    clock = FakeClock()
+    backend = InProcessBackend(clock=clock)
+    scope = [Scope("k:a", "key 'a'", rpm=3)]
+    for at in (0, 10, 20):
+        clock.now = 1000 + at
+        assert backend.acquire_now(f"l{at}", scope, 0) is None
+    clock.now = 1030
+    refusal = backend.acquire_now("x", scope, 0)
+    assert refusal is not None and refusal.kind == "requests"
+    assert refusal.retry_after_s == pytest.approx(30)  # the first request leaves the window at 1060
+    assert refusal.requests_used == 3 and refusal.requests_reset_s == pytest.approx(50)
+    clock.now = 1059.999
+    assert backend.acquire_now("x", scope, 0) is not None  # no fixed-window reset at a boundary
+    clock.now = 1060
+    assert backend.acquire_now("y", scope, 0) is None
+    clock.now = 1061
+    refusal = backend.acquire_now("z", scope, 0)
+    assert refusal is not None and refusal.retry_after_s == pytest.approx(9)
+
+
+async def test_requests_per_minute_exact_under_concurrency(make_backend: Callable[..., Backend]) -> None:
+    backend = make_backend(window_s=1.0)
+    scope = [Scope(uid("k"), "key 'a'", rpm=25)]
+    results = await asyncio.gather(*(backend.acquire(uid("l"), scope, 0) for _ in range(200)))
+    assert sum(r is None for r in results) == 25
+    refusal = next(r for r in results if r is not None)
+    assert refusal.kind == "requests" and 0 < refusal.retry_after_s <= 1.0
+    await asyncio.sleep(1.05)  # the window slid past every entry
+    assert await backend.acquire(uid("l"), scope, 0) is None
+
+
+async def test_tokens_reserved_then_corrected(make_backend: Callable[..., Backend]) -> None:
+    backend = make_backend()
+    scope = [Scope(uid("k"), "key 'a'", tpm=1000)]
+    assert await backend.acquire("a", scope, 600) is None
+    refusal = await backend.acquire("b", scope, 600)
+    assert refusal is not None and refusal.kind == "tokens" and refusal.tokens_used == 600
+    backend.release("a", scope, 100)  # the answer used far less than reserved
+    await settled(backend)
+    assert await backend.acquire("b", scope, 600) is None  # 100 + 600
+    assert await backend.acquire("c", scope, 300) is None  # 100 + 600 + 300
+    refusal = await backend.acquire("d", scope, 1)
+    assert refusal is not None and refusal.tokens_used == 1000
+    backend.release("c", scope, 0)  # failed without usage: the reservation is dropped
+    backend.release("b", scope, 0)
+    await settled(backend)
+    assert await backend.acquire("d", scope, 900) is None
+    too_big = await backend.acquire("e", scope, 1001)
+    assert too_big is not None and too_big.kind == "too_large"
+
+
+def test_tokens_expire_with_the_window() -> None:
+    clock = FakeClock()
+    backend = InProcessBackend(clock=clock)
+    scope = [Scope("k:a", "key 'a'", tpm=1000)]
+    assert backend.acquire_now("a", scope, 700) is None
+    clock.now += 20
+    assert backend.acquire_now("b", scope, 200) is None
+    refusal = backend.acquire_now("c", scope, 500)
+    assert refusal is not None and refusal.retry_after_s == pytest.approx(40)  # when "a" leaves
+    clock.now += 20
+    backend.release("a", scope, 300)  # settles now: its 300 tokens count from now on
+    assert backend.acquire_now("c", scope, 500) is None  # 300 + 200 + 500
+    clock.now += 41  # "b" (at +20) left the window, "a" (settled at +40) has not
+    refusal = backend.acquire_now("d", scope, 600)
+    assert refusal is not None and refusal.tokens_used == 800
+
+
+async def test_concurrency_leases(make_backend: Callable[..., Backend]) -> None:
+    backend = make_backend()
+    scope = [Scope(uid("m"), "model 'm'", max_concurrency=2)]
+    assert await backend.acquire("a", scope, 0) is None
+    assert await backend.acquire("b", scope, 0) is None
+    refusal = await backend.acquire("c", scope, 0)
+    assert refusal is not None and refusal.kind == "concurrency"
+    backend.release("a", scope, 0)
+    await settled(backend)
+    assert await backend.acquire("c", scope, 0) is None
+    assert await backend.acquire("d", scope, 0) is not None
+
+
+async def test_leaked_leases_expire(make_backend: Callable[..., Backend]) -> None:
+    backend = make_backend(lease_s=0.3)
+    scope = [Scope(uid("k"), "key 'a'", max_concurrency=1)]
+    assert await backend.acquire("crashed", scope, 0) is None  # never released: its process died
+    assert await backend.acquire("b", scope, 0) is not None
+    await asyncio.sleep(0.35)
+    assert await backend.acquire("b", scope, 0) is None
+
+
+async def test_running_requests_keep_their_slots_dropped_holds_do_not(
+    make_backend: Callable[..., Backend],
+) -> None:
+    limiter = RateLimiter(make_backend(lease_s=0.3), lease_s=0.3)
+    call = make_call(key_limits=RateLimits(max_concurrency=1), key_id=uid("key"))
+    hold = await limiter.admit(call)
+    assert isinstance(hold, LimitHold)
+    await asyncio.sleep(0.7)  # two lease lifetimes: renewed in the background, still held
+    with pytest.raises(GatewayError, match="Concurrency limit reached for key 'ci'"):
+        await limiter.admit(call)
+    del hold  # a bug lost the hold without settling: no more renewals, the slot expires
+    gc.collect()
+    await asyncio.sleep(0.45)
+    (await limiter.admit(call)).settle(Outcome(200))
+    await limiter.aclose()
+
+
+async def test_all_or_nothing_across_scopes(make_backend: Callable[..., Backend]) -> None:
+    backend = make_backend()
+    key = Scope(uid("k"), "key 'ci'", rpm=2, tpm=10_000, max_concurrency=5)
+    team = Scope(uid("t"), "team 'payments'", rpm=1)
+    assert await backend.acquire("a", [key, team], 100) is None
+    refusal = await backend.acquire("b", [key, team], 100)
+    assert refusal == Refusal(1, "requests", refusal.retry_after_s, 1, refusal.requests_reset_s, 0, 0.0)
+    # The refused request left no trace in the key's scope: one request, 100 tokens, one lease.
+    assert await backend.acquire("c", [key], 9_900) is None
+    assert await backend.acquire("d", [key], 0) is not None
+    for lease in ("a", "c"):
+        backend.release(lease, [key], 0)
+    await settled(backend)
+    assert (await backend.acquire("e", [key], 0) or Refusal(0, "requests", 0)).kind == "requests"
+
+
+# --- the admission step ----------------------------------------------------------------------
+
+
+class ExplodingBackend(InProcessBackend):
+    async def acquire(self, lease: str, scopes: Sequence[Scope], tokens: int) -> Refusal | None:
+        raise AssertionError("a request without limits must not reach the backend")
+
+
+def make_call(
+    *,
+    key_limits: RateLimits | None = None,
+    team_limits: RateLimits | None = None,
+    model_limits: LimitsConfig | None = None,
+    key_id: str = "key_1",
+    team_id: str = "team_1",
+    input_tokens: int = 50,
+    max_output: int | None = 100,
+) -> Call:
+    principal = Principal(
+        name="ci",
+        key_id=key_id,
+        team_id=team_id,
+        team_name="payments",
+        limits=key_limits,
+        team_limits=team_limits,
+    )
+    config = ModelConfig(
+        name="gpt-4o-mini", deployments=[{"provider": "openai", "model": "gpt-4o-mini"}], limits=model_limits
+    )
+    route = ModelRoute(config=config, deployments=[], routing=RoutingConfig())
+    return Call("req", principal, route, route.name, input_tokens, max_output)
+
+
+async def test_no_limit_no_backend_call() -> None:
+    limiter = RateLimiter(ExplodingBackend())
+    assert await limiter.admit(make_call()) is NO_HOLD
+    only_default = LimitsConfig(default_max_output_tokens=10)  # no ceiling: still nothing to count
+    assert await limiter.admit(make_call(model_limits=only_default)) is NO_HOLD
+
+
+async def test_tokens_reservation_and_settle_through_the_limiter() -> None:
+    backend = InProcessBackend()
+    limiter = RateLimiter(backend)
+    call = make_call(team_limits=RateLimits(tpm=1000), input_tokens=200, max_output=300)
+    hold = await limiter.admit(call)  # reserves 500
+    await limiter.admit(call)  # 1000
+    with pytest.raises(GatewayError) as refused:
+        await limiter.admit(call)
+    err = refused.value
+    assert err.status == 429 and err.code == "rate_limit_exceeded"
+    assert "team 'payments': 1000 tokens per minute" in err.message
+    assert err.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert err.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert err.headers["x-ratelimit-reset-tokens"].endswith("s")
+    assert "x-ratelimit-limit-requests" not in err.headers  # the team has no requests/min limit
+    hold.settle(Outcome(200, usage=Usage(input_tokens=180, output_tokens=20)))
+    hold.settle(Outcome(200, usage=Usage(input_tokens=999)))  # settling twice changes nothing
+    # 200 used + 500 reserved: a 300-token request fits, nothing more does.
+    await limiter.admit(make_call(team_limits=RateLimits(tpm=1000), input_tokens=100, max_output=200))
+    with pytest.raises(GatewayError):
+        await limiter.admit(make_call(team_limits=RateLimits(tpm=1000), input_tokens=1, max_output=0))
+    # Without max_tokens the model's configured default is reserved.
+    call = make_call(
+        model_limits=LimitsConfig(tpm=400, default_max_output_tokens=350), input_tokens=60, max_output=None
+    )
+    with pytest.raises(GatewayError, match="Request too large for model 'gpt-4o-mini'") as too_big:
+        await limiter.admit(call)
+    assert too_big.value.headers["x-should-retry"] == "false"
+
+
+async def test_refusal_headers_for_requests() -> None:
+    limiter = RateLimiter(InProcessBackend())
+    call = make_call(key_limits=RateLimits(rpm=2, tpm=5000))
+    await limiter.admit(call)
+    await limiter.admit(call)
+    with pytest.raises(GatewayError) as refused:
+        await limiter.admit(call)
+    err = refused.value
+    assert err.message.startswith("Rate limit reached for key 'ci': 2 requests per minute.")
+    assert err.retry_after == 60
+    assert err.headers["x-ratelimit-limit-requests"] == "2"
+    assert err.headers["x-ratelimit-remaining-requests"] == "0"
+    assert err.headers["x-ratelimit-reset-requests"] in ("1m0s", "59.999s", "59.998s", "59.997s")
+    assert err.headers["x-ratelimit-remaining-tokens"] == "4700"
+
+
+def test_service_validates_limits(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/plinth.db")
+    db.migrate()
+    service = TenancyService(db)
+    team = service.create_team(service.create_org("o").id, "payments", rpm_limit=10)
+    with pytest.raises(TenancyError, match="rpm_limit must be a whole number of at least 1"):
+        service.create_key(team.id, "ci", rpm_limit=0)
+    key = service.create_key(team.id, "ci", tpm_limit=5000).key
+    assert (key.rpm_limit, key.tpm_limit, key.max_concurrency) == (None, 5000, None)
+    rotated = service.rotate_key(key.id).key
+    assert rotated.tpm_limit == 5000
+
+
+# --- through a real gateway ------------------------------------------------------------------------
+
+USER = "sk-user-limits-0123456789abcdef"
+
+
+def limited_config(upstream: OpenAIUpstream, **limits: int) -> dict[str, Any]:
+    return {
+        "models": [
+            {"name": "gpt-4o-mini", "deployments": [openai_deployment(upstream.url)], "limits": limits}
+        ],
+        "keys": [{"name": "team-a", "key": USER}],
+    }
+
+
+async def test_429_in_openai_and_anthropic_shapes(
+    gateway_factory: Callable[..., GatewayServer], openai_upstream: OpenAIUpstream
+) -> None:
+    gw = gateway_factory(limited_config(openai_upstream, rpm=2, tpm=100_000))
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+    async with httpx.AsyncClient(base_url=gw.url, headers={"authorization": f"Bearer {USER}"}) as http:
+        assert (await http.post("/v1/chat/completions", json=chat)).status_code == 200
+        assert (await http.post("/v1/chat/completions", json=chat)).status_code == 200
+        reply = await http.post("/v1/chat/completions", json=chat)
+        assert reply.status_code == 429
+        error = reply.json()["error"]
+        assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
+        assert "model 'gpt-4o-mini': 2 requests per minute" in error["message"]
+        assert 55 <= int(reply.headers["retry-after"]) <= 60
+        assert reply.headers["x-ratelimit-limit-requests"] == "2"
+        assert reply.headers["x-ratelimit-remaining-requests"] == "0"
+        assert reply.headers["x-ratelimit-reset-requests"].endswith("s")
+        assert reply.headers["x-ratelimit-limit-tokens"] == "100000"
+        assert "x-ratelimit-remaining-tokens" in reply.headers and "x-ratelimit-reset-tokens" in reply.headers
+        anthropic = await http.post(
+            "/v1/messages",
+            json={"model": "gpt-4o-mini", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]},
+            headers={"x-api-key": USER, "anthropic-version": "2023-06-01"},
+        )
+        assert anthropic.status_code == 429
+        body = anthropic.json()
+        assert body["type"] == "error" and body["error"]["type"] == "rate_limit_error"
+        assert "model 'gpt-4o-mini'" in body["error"]["message"]
+        assert anthropic.headers["x-ratelimit-limit-requests"] == "2" and "retry-after" in anthropic.headers
+    assert len(openai_upstream.requests) == 2  # refused requests never went upstream
+
+
+async def test_concurrency_limit_through_the_gateway(
+    gateway_factory: Callable[..., GatewayServer], openai_upstream: OpenAIUpstream
+) -> None:
+    from mocks.openai_upstream import Reply, completion
+
+    gw = gateway_factory(limited_config(openai_upstream, max_concurrency=1))
+    openai_upstream.queue(Reply(body=completion(), delay_s=0.5))
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(base_url=gw.url, headers={"authorization": f"Bearer {USER}"}) as http:
+        slow = asyncio.create_task(http.post("/v1/chat/completions", json=chat))
+        await wait_for(lambda: len(openai_upstream.requests) == 1)
+        busy = await http.post("/v1/chat/completions", json=chat)
+        assert busy.status_code == 429 and "Concurrency limit reached for model 'gpt-4o-mini'" in busy.text
+        assert (await slow).status_code == 200
+        assert (await http.post("/v1/chat/completions", json=chat)).status_code == 200  # slot released
+
+
+async def test_key_and_team_limits_set_through_the_service_reach_the_gateway(
+    gateway_factory: Callable[..., GatewayServer], openai_upstream: OpenAIUpstream, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path}/plinth.db"
+    gw = gateway_factory(
+        {
+            "storage": {"url": url, "key_refresh_s": 0.05},
+            "models": [{"name": "gpt-4o-mini", "deployments": [openai_deployment(openai_upstream.url)]}],
+        }
+    )
+    service = TenancyService(Database(url))
+    team = service.create_team(service.create_org("acme").id, "payments")
+    key = service.create_key(team.id, "ci")
+    other = service.create_key(team.id, "nightly")
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+    async def post(secret: str) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=gw.url) as http:
+            return await http.post(
+                "/v1/chat/completions", json=chat, headers={"authorization": f"Bearer {secret}"}
+            )
+
+    service.set_key_limits(key.key.id, rpm_limit=1, tpm_limit=None, max_concurrency=None)
+    await asyncio.sleep(0.3)  # a few refresh intervals
+    assert (await post(key.secret)).status_code == 200
+    refused = await post(key.secret)
+    assert refused.status_code == 429 and "key 'ci'" in refused.json()["error"]["message"]
+    assert (await post(other.secret)).status_code == 200  # another key of the team: unaffected
+
+    service.set_team_limits(team.id, rpm_limit=2, tpm_limit=None, max_concurrency=None)
+    await asyncio.sleep(0.3)
+    # Counting starts with the limit: requests admitted before it are not in the team's window.
+    assert (await post(other.secret)).status_code == 200
+    assert (await post(other.secret)).status_code == 200
+    refused = await post(other.secret)
+    assert refused.status_code == 429 and "team 'payments'" in refused.json()["error"]["message"]
+
+    service.set_key_limits(key.key.id, rpm_limit=None, tpm_limit=None, max_concurrency=None)
+    service.set_team_limits(team.id, rpm_limit=None, tpm_limit=None, max_concurrency=None)
+    await asyncio.sleep(0.3)
+    assert (await post(key.secret)).status_code == 200
+
+
+# --- start-up check ----------------------------------------------------------------------------------
+
+
+def test_several_workers_without_redis_refuse_to_start(tmp_path: Path) -> None:
+    config = tmp_path / "plinth.yaml"
+    config.write_text(
+        f"storage: {{url: 'sqlite:///{tmp_path}/p.db'}}\n"
+        "models:\n  - name: m\n    limits: {rpm: 10}\n"
+        "    deployments: [{provider: openai, model: gpt-4o-mini, api_key: sk-x}]\n"
+    )
+    env = {**os.environ, "PLINTH_ADMIN_KEY": ADMIN_KEY}
+    command = [sys.executable, "-m", "plinth", "serve", "--config", str(config), "--workers", "2"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "limits are set (model 'm')" in done.stderr and "redis.url" in done.stderr
+
+    parsed = __import__("plinth.config", fromlist=["load_config"]).load_config(config)
+    assert exactness_problem(parsed, 1) is None
+    db = Database(f"sqlite:///{tmp_path}/p.db")
+    db.migrate()
+    service = TenancyService(db)
+    team = service.create_team(service.create_org("o").id, "payments", max_concurrency=3)
+    no_model_limits = parsed.model_copy(update={"models": []})
+    problem = exactness_problem(no_model_limits, 4, db)
+    assert problem is not None and "team 'payments'" in problem and "4 worker" in problem
+    service.set_team_limits(team.id, rpm_limit=None, tpm_limit=None, max_concurrency=None)
+    assert exactness_problem(no_model_limits, 4, db) is None
+
+
+# --- the must-show: exact across processes ---------------------------------------------------------
+
+
+def _free_port() -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port: int = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+@needs_redis
+async def test_burst_across_two_processes_admits_exactly_the_limit(
+    database_url: str, openai_upstream: OpenAIUpstream, tmp_path: Path
+) -> None:
+    config = tmp_path / "plinth.yaml"
+    config.write_text(
+        f"storage: {{url: '{database_url}', key_refresh_s: 0.1}}\n"
+        f"redis: {{url: '{REDIS_URL}'}}\n"
+        "models:\n  - name: gpt-4o-mini\n"
+        f"    deployments: [{{provider: openai, model: gpt-4o-mini, base_url: '{openai_upstream.url}', "
+        "api_key: sk-upstream}]\n"
+    )
+    db = Database(database_url)
+    db.migrate()
+    service = TenancyService(db)
+    team = service.create_team(service.create_org("o").id, "payments")
+    created = service.create_key(team.id, "ci", rpm_limit=100)
+    env = {**os.environ, "PLINTH_ADMIN_KEY": ADMIN_KEY}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    ports = [_free_port(), _free_port()]
+
+    def serve(port: int) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "plinth", "serve", "--config", str(config), "--port", str(port)]
+        command += ["--workers", "2", "--log-level", "warning"]
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    procs = [serve(port) for port in ports]
+    headers = {"authorization": f"Bearer {created.secret}"}
+    try:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+            for port in ports:
+                for _ in range(600):
+                    try:
+                        models = await http.get(f"http://127.0.0.1:{port}/v1/models", headers=headers)
+                        if models.status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError(f"plinth serve on port {port} never accepted the key")
+            chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+            started = time.monotonic()
+            replies = await asyncio.gather(
+                *(
+                    http.post(
+                        f"http://127.0.0.1:{ports[i % 2]}/v1/chat/completions", json=chat, headers=headers
+                    )
+                    for i in range(600)
+                )
+            )
+            elapsed = time.monotonic() - started
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    per_port = {p: {"admitted": 0, "refused": 0} for p in ports}
+    for i, reply in enumerate(replies):
+        per_port[ports[i % 2]]["admitted" if reply.status_code == 200 else "refused"] += 1
+    admitted = sum(r.status_code == 200 for r in replies)
+    refused = sum(r.status_code == 429 for r in replies)
+    print(
+        f"\n600-request burst, key limit 100 requests/min, 2 processes x 2 workers ({database_url.split(':')[0]}):"
+        f" admitted {admitted}, refused {refused} (429), other {600 - admitted - refused};"
+        f" per process {per_port}; {elapsed:.2f}s"
+    )
+    assert refused + admitted == 600
+    assert abs(admitted - 100) <= 1
+    assert all(r.headers.get("x-ratelimit-limit-requests") == "100" for r in replies if r.status_code == 429)
