@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -212,6 +213,13 @@ def tree_rss(root_pid: int) -> dict[str, Any]:
             continue
         per[str(pid)] = rss_bytes(pid)
     return {"total": sum(per.values()), "per_process": per}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
 
 
 def pick_port(preferred: int, name: str) -> int:
@@ -451,6 +459,7 @@ class Target:
     memory: dict[str, Any] | None = None
     error: str | None = None
     foreign_cpu_cores: float | None = None  # see ForeignCpu
+    usage_records: dict[str, Any] | None = None  # Plinth: answered requests vs usage records
 
 
 def ttft_summary(res: ttft.TtftResult) -> dict[str, float]:
@@ -526,8 +535,11 @@ def run_gateway(
     cpus: list[int] | None,
 ) -> Target:
     t = Target(name=name, workers=workers)
+    state: PlinthState | None = None
     if name == "plinth":
-        port, key = pick_port(args.plinth_port, name), "pk-bench-" + secrets.token_hex(16)
+        port = pick_port(args.plinth_port, name)
+        state = PlinthState.prepare(procs, workers)
+        key = state.key
         argv = [
             str(PLINTH_BIN),
             "serve",
@@ -540,7 +552,7 @@ def run_gateway(
             "--workers",
             str(workers),
         ]
-        env = {"PLINTH_ADMIN_KEY": secrets.token_hex(32), "PLINTH_BENCH_KEY": key}
+        env = {"PLINTH_ADMIN_KEY": secrets.token_hex(32), **state.env}
     else:
         port, key = pick_port(args.litellm_port, name), "sk-" + secrets.token_hex(16)
         argv = [
@@ -561,12 +573,99 @@ def run_gateway(
     try:
         wait_ready(server, base, key, args.start_timeout)
         measure_gateway(t, base, key, args, server, memory=name == "plinth")
+        if state is not None:
+            time.sleep(1.0)  # let the last in-flight requests finish before counting
+            state.answered = answered_chat_requests(base)
     except BenchError as exc:
         t.error = str(exc)
         print(f"[{name} w={workers}] FAILED: {exc}", flush=True)
     finally:
-        procs.stop(server)
+        procs.stop(server)  # graceful: the usage recorder flushes on shutdown
+        if state is not None:
+            t.usage_records = state.check_usage_records()
+            state.close(procs)
     return t
+
+
+@dataclass
+class PlinthState:
+    """Plinth's database (with the benchmark's key in it) and, for several workers, a Redis."""
+
+    directory: Path
+    db_url: str
+    key: str
+    env: dict[str, str]
+    redis: Server | None = None
+    answered: int | None = None
+
+    @classmethod
+    def prepare(cls, procs: Processes, workers: int) -> PlinthState:
+        from plinth.storage import Database
+        from plinth.tenancy.service import TenancyService
+
+        directory = Path(tempfile.mkdtemp(prefix="plinth-bench-"))
+        db_url = f"sqlite:///{directory}/plinth.db"
+        database = Database(db_url)
+        database.migrate()
+        service = TenancyService(database)
+        team = service.create_team(service.create_org("bench").id, "bench")
+        # Limits far above what the load reaches: every request pays for the check, none is refused.
+        key = service.create_key(team.id, "bench", rpm_limit=1_000_000_000, tpm_limit=1_000_000_000_000)
+        database.dispose()
+        env = {"PLINTH_BENCH_DB": db_url}
+        redis = None
+        if workers > 1:  # exact limits across workers need shared counters
+            port = free_port()
+            redis = procs.start(
+                f"redis-w{workers}",
+                [
+                    "redis-server",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+                {},
+                None,
+            )
+            env["PLINTH_BENCH_REDIS"] = f"redis://127.0.0.1:{port}/0"
+        return cls(directory, db_url, key.secret, env, redis)
+
+    def check_usage_records(self) -> dict[str, Any]:
+        """Every answered chat request must have exactly one usage record."""
+        from sqlalchemy import func, select
+
+        from plinth.metering.models import UsageRecord
+        from plinth.storage import Database
+
+        database = Database(self.db_url)
+        with database.session() as session:
+            records = session.scalar(
+                select(func.count()).select_from(UsageRecord).where(UsageRecord.route == "chat_completions")
+            )
+        database.dispose()
+        return {"answered": self.answered, "records": records, "equal": records == self.answered}
+
+    def close(self, procs: Processes) -> None:
+        if self.redis is not None:
+            procs.stop(self.redis)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def answered_chat_requests(base: str) -> int:
+    """Chat requests the server answered, from its own metrics (summed over workers)."""
+    status, body = http("GET", f"{base}/metrics")
+    if status != 200:
+        raise BenchError(f"/metrics answered HTTP {status}")
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith("plinth_requests_total{") and 'route="chat_completions"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -616,6 +715,8 @@ def summarize(direct: dict[str, Any], targets: list[Target]) -> dict[str, Any]:
             row["ttft_errors"] = t.ttft_errors
         if t.memory:
             row["memory"] = t.memory
+        if t.usage_records:
+            row["usage_records"] = t.usage_records
         rows[f"{t.name}-w{t.workers}"] = row
 
     comparisons: dict[str, Any] = {}
@@ -650,6 +751,7 @@ def summarize(direct: dict[str, Any], targets: list[Target]) -> dict[str, Any]:
                 not row.get("ttft_errors"),
             ),
             "memory_steady": None if not mem else bool(mem["steady"] and not mem["errors"]),
+            "one_usage_record_each": None if not row.get("usage_records") else row["usage_records"]["equal"],
         }
         comparisons[f"w{w}"] = {**cmp, "checks": checks}
     return {"rows": rows, "comparisons": comparisons}
@@ -705,6 +807,12 @@ def print_report(direct: dict[str, Any], summary: dict[str, Any], meta: dict[str
                 f"{mem['rss_after']['total'] / mib:.1f} after {mem['requests_sent']:,} requests "
                 f"({mem['rps']:,.0f} req/s, {mem['errors']} errors)"
             )
+        usage = row.get("usage_records")
+        if usage:
+            verdict = "one each" if usage["equal"] else "MISMATCH"
+            print(
+                f"{'':14}usage records: {usage['records']:,} for {usage['answered']:,} answered requests ({verdict})"
+            )
     for w, cmp in summary["comparisons"].items():
         print()
         print(f"Plinth vs LiteLLM at {w[1:]} worker(s):")
@@ -724,6 +832,7 @@ def print_report(direct: dict[str, Any], summary: dict[str, Any], meta: dict[str
             "throughput_ge_10x_litellm": "throughput >= 10x LiteLLM (32 connections)",
             "ttft_added_p50_le_2ms": "added TTFT p50 <= 2 ms (streaming)",
             "memory_steady": "memory steady over the memory run",
+            "one_usage_record_each": "exactly one usage record per answered request",
         }
         for k, label in labels.items():
             v = cmp["checks"][k]

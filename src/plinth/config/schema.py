@@ -52,6 +52,27 @@ class RedisConfig(_Strict):
 
     url: SecretStr | None = None  # redis://host:6379/0; None: in-process state (one process only)
 
+    @field_validator("url")
+    @classmethod
+    def _empty_is_none(cls, v: SecretStr | None) -> SecretStr | None:
+        return v if v is None or v.get_secret_value() else None  # `${REDIS_URL:-}` means "no Redis"
+
+
+class CacheConfig(_Strict):
+    """Response caches (docs/caching.md). Keys or requests opt in; `enabled: false` turns it all off."""
+
+    enabled: bool = True
+    ttl_s: Annotated[float, Field(gt=0)] = 3600.0  # when the request names no x-plinth-cache-ttl
+    max_ttl_s: Annotated[float, Field(gt=0)] = 7 * 86400.0  # ceiling for x-plinth-cache-ttl
+    # Cosine similarity at or above which a semantic lookup counts as the same question.
+    semantic_threshold: Annotated[float, Field(gt=0, le=1)] = 0.95
+    # "local": the in-process all-MiniLM-L6-v2 (needs plinth[local]); else an embedding model alias.
+    embedding_model: str = "local"
+    # Longer last messages are cached by exact match only (the local model reads 256 tokens).
+    semantic_max_chars: Annotated[int, Field(ge=1)] = 1000
+    semantic_scan: Annotated[int, Field(ge=1, le=10_000)] = 256  # candidates compared per lookup
+    max_entries: Annotated[int, Field(ge=1)] = 10_000  # in-process answers kept (LRU)
+
 
 class DeploymentConfig(_Strict):
     """One place a model alias can be served from: a provider, an upstream model and credentials."""
@@ -135,6 +156,7 @@ class StaticKeyConfig(_Strict):
     key: SecretStr | None = None
     key_sha256: str | None = None
     models: list[str] | None = None  # None: every model
+    cache: Literal["exact", "semantic"] | None = None  # opt this key's requests into caching
 
     @model_validator(mode="after")
     def _one_of(self) -> StaticKeyConfig:
@@ -147,6 +169,7 @@ class PlinthConfig(_Strict):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
     redis: RedisConfig = RedisConfig()
+    cache: CacheConfig = CacheConfig()
     models: list[ModelConfig] = Field(default_factory=list)
     keys: list[StaticKeyConfig] = Field(default_factory=list)
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Counter
-from sqlalchemy import insert
 
 from plinth.metering.models import UsageRecord
 from plinth.metering.prices import PriceBook
@@ -38,6 +37,11 @@ DROPPED = Counter(
 WRITTEN = Counter("plinth_usage_records_written", "Usage records written to the database.")
 
 _NO_USAGE = Usage()
+_COLUMNS = (
+    "request_id", "created_at", "org_id", "team_id", "project_id", "key_id", "key_name", "route",
+    "model", "deployment", "status", "input_tokens", "output_tokens", "cached_input_tokens",
+    "estimated", "cost_usd", "latency_ms", "cache_hit",
+)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -199,40 +203,49 @@ class UsageRecorder:
         self.dropped += n
         DROPPED.inc(n)
 
-    def _rows(self, batch: list[PendingUsage]) -> list[dict[str, Any]]:
+    def _rows(self, batch: list[PendingUsage], *, sqlite: bool) -> list[tuple[Any, ...]]:
         rows = []
         for item in batch:
             usage = item.usage or _NO_USAGE
             principal = item.principal
             cost = 0.0 if item.cache_hit else self.prices.cost(item.alias, item.deployment, item.model, usage)
+            created = dt.datetime.fromtimestamp(item.created, dt.UTC).replace(tzinfo=None)
             rows.append(
-                {
-                    "request_id": item.request_id,
-                    "created_at": dt.datetime.fromtimestamp(item.created, dt.UTC).replace(tzinfo=None),
-                    "org_id": principal.org_id if principal else None,
-                    "team_id": principal.team_id if principal else None,
-                    "project_id": principal.project_id if principal else None,
-                    "key_id": principal.key_id if principal else None,
-                    "key_name": _clip(principal.name, 200) if principal else None,
-                    "route": _clip(item.route, 40),
-                    "model": _clip(item.model, 200),
-                    "deployment": _clip(item.deployment, 200),
-                    "status": item.status,
-                    "input_tokens": usage.input_tokens,
-                    "output_tokens": usage.output_tokens,
-                    "cached_input_tokens": usage.cached_input_tokens,
-                    "estimated": usage.estimated,
-                    "cost_usd": cost,
-                    "latency_ms": round(item.latency_ms, 3),
-                    "cache_hit": item.cache_hit,
-                }
+                (
+                    item.request_id,
+                    # SQLAlchemy's own storage format for DateTime on SQLite, so ORM reads agree.
+                    created.strftime("%Y-%m-%d %H:%M:%S.%f") if sqlite else created,
+                    principal.org_id if principal else None,
+                    principal.team_id if principal else None,
+                    principal.project_id if principal else None,
+                    principal.key_id if principal else None,
+                    _clip(principal.name, 200) if principal else None,
+                    _clip(item.route, 40),
+                    _clip(item.model, 200),
+                    _clip(item.deployment, 200),
+                    item.status,
+                    usage.input_tokens,
+                    usage.output_tokens,
+                    usage.cached_input_tokens,
+                    usage.estimated,
+                    cost,
+                    round(item.latency_ms, 3),
+                    item.cache_hit,
+                )
             )
         return rows
 
     def _write(self, batch: list[PendingUsage]) -> None:
-        """One multi-row INSERT in one transaction (runs in a worker thread)."""
-        rows = self._rows(batch)
-        with self.database.session() as session:
-            session.execute(insert(UsageRecord), rows)
+        """One executemany in one transaction (runs in a worker thread).
+
+        Plain DB-API rather than `session.execute(insert(UsageRecord), dicts)`: measured on SQLite,
+        1,000 rows take 6 ms this way and 19 ms through SQLAlchemy's row processing, and that time
+        holds the GIL away from the event loop (it showed as a 37 ms p99 at one connection)."""
+        with self.database.engine.begin() as connection:
+            sqlite = connection.dialect.name == "sqlite"
+            rows = self._rows(batch, sqlite=sqlite)
+            mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
+            sql = f"INSERT INTO {UsageRecord.__tablename__} ({', '.join(_COLUMNS)}) VALUES ({', '.join([mark] * len(_COLUMNS))})"
+            connection.exec_driver_sql(sql, rows)
         self.written += len(rows)
         WRITTEN.inc(len(rows))
