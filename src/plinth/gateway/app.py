@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ from starlette.routing import Route
 
 from plinth.admin.api import admin_routes
 from plinth.budgets import create_budgets
+from plinth.cache import build_cache
 from plinth.config import PlinthConfig, load_config
 from plinth.gateway import anthropic_protocol, openai_protocol
 from plinth.gateway.admission import Admissions
@@ -132,12 +134,14 @@ def create_app(settings: AppSettings) -> Starlette:
     limiter = build_limiter(config)  # Redis when redis.url is set, else in-process
     redis_url = config.redis.url.get_secret_value() if config.redis.url is not None else None
     budgets = create_budgets(database, usage.prices, redis_url)  # same prices as the usage records
+    cache = build_cache(config, router)  # None when cache.enabled is false
     gateway = Gateway(
         router,
         keys,
         max_body_bytes=config.server.max_body_bytes,
         usage=usage,
         admissions=Admissions([limiter, budgets]),
+        cache=cache,
     )
     state = {"ready": False}
 
@@ -210,6 +214,10 @@ def create_app(settings: AppSettings) -> Starlette:
         )
         usage.start()
         budgets.start(config.storage.key_refresh_s)
+        # Everything built so far lives as long as the process: keep it out of the cyclic GC's
+        # scans, which otherwise grow with every imported library and show up as latency spikes.
+        gc.collect()
+        gc.freeze()
         state["ready"] = True
         try:
             yield
@@ -224,6 +232,8 @@ def create_app(settings: AppSettings) -> Starlette:
             await usage.aclose()  # write every buffered usage record before the database closes
             await limiter.aclose()
             await budgets.aclose()  # settlements in flight and pending budget events
+            if cache is not None:
+                await cache.aclose()  # finish queued cache writes
             database.dispose()
 
     routes = [
@@ -245,6 +255,7 @@ def create_app(settings: AppSettings) -> Starlette:
     app.state.gateway = gateway
     app.state.usage = usage
     app.state.budgets = budgets
+    app.state.cache = cache
     return app
 
 
