@@ -19,6 +19,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from plinth.cache import CachePlan, ResponseCache, canonical
 from plinth.gateway import openai_protocol
 from plinth.gateway.admission import Admissions, Call, Hold, Outcome, settle
 from plinth.gateway.errors import GatewayError
@@ -130,12 +131,14 @@ class Gateway:
         max_body_bytes: int,
         usage: UsageRecorder | None = None,
         admissions: Admissions | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.router = router
         self.keys = keys
         self.max_body_bytes = max_body_bytes
         self.usage = usage
         self.admissions = admissions or Admissions([])
+        self.cache = cache  # None: caching disabled in the config
 
     async def admit(
         self, ctx: RequestContext, principal: Principal, route: ModelRoute, chat: ChatRequest | None
@@ -306,11 +309,18 @@ async def handle_chat(gateway: Gateway, request: Request, protocol: ChatProtocol
         ctx.model_label = route.name
         ctx.metered_model = chat.model
         # 4. Policy and guardrails plug in here (governance, guardrails).
+        # 4b. Response cache, only when the key or request opted in (docs/caching.md). Before
+        #     admission: a hit reserves no limits or budgets and never reaches the upstream.
+        plan = gateway.cache.plan(request.headers, principal, chat) if gateway.cache is not None else None
+        if plan is not None and gateway.cache is not None:
+            cached = await gateway.cache.lookup(plan)
+            if cached is not None:
+                return _cached_answer(gateway, chat, cached, ctx, protocol)
         # 5. Limits and budgets: reserve now; settled with the outcome by meter_request.
         await gateway.admit(ctx, principal, route, chat)
         # 6. Route to a deployment and call the provider, with retries and fallback.
         if chat.stream:
-            return await _stream(gateway, chat, route, ctx, protocol)
+            return await _stream(gateway, chat, route, ctx, protocol, plan)
         answer = await gateway.router.chat(route, chat, ctx.attempt)
     except (GatewayError, ProviderError) as exc:
         err = as_gateway_error(exc)
@@ -321,17 +331,45 @@ async def handle_chat(gateway: Gateway, request: Request, protocol: ChatProtocol
     meter_request(gateway, ctx, endpoint, 200, answer.usage)
     body = orjson.dumps(protocol.encode(answer, chat.model))
     headers = response_headers(ctx, endpoint)
+    if plan is not None and gateway.cache is not None:
+        headers["x-plinth-cache"] = plan.header
+        gateway.cache.store(plan, answer)  # written in the background
     _finish_metrics(ctx, endpoint, 200)
     return Response(body, 200, headers, "application/json")
 
 
+def _cached_answer(
+    gateway: Gateway, chat: ChatRequest, answer: ChatResponse, ctx: RequestContext, protocol: ChatProtocol
+) -> Response:
+    """Serve a cache hit in the caller's protocol (a stream is replayed in one write); cost 0."""
+    endpoint = protocol.endpoint
+    meter_request(gateway, ctx, endpoint, 200, answer.usage, cache_hit=True)
+    headers = response_headers(ctx, endpoint)
+    headers["x-plinth-cache"] = "hit"
+    _finish_metrics(ctx, endpoint, 200)
+    if not chat.stream:
+        return Response(orjson.dumps(protocol.encode(answer, chat.model)), 200, headers, "application/json")
+    encoder = protocol.stream_encoder(chat, canonical.replay_stream(answer))
+    events = b"".join(encoder.encode(event) for event in canonical.replay_events(answer))
+    body = encoder.start() + events + encoder.finish()
+    return Response(body, 200, {**headers, **_SSE_HEADERS}, "text/event-stream")
+
+
 async def _stream(
-    gateway: Gateway, chat: ChatRequest, route: ModelRoute, ctx: RequestContext, protocol: ChatProtocol
+    gateway: Gateway,
+    chat: ChatRequest,
+    route: ModelRoute,
+    ctx: RequestContext,
+    protocol: ChatProtocol,
+    plan: CachePlan | None = None,
 ) -> Response:
     # Fallback is possible until the first event: the router returns only once it has one.
     stream, first = await gateway.router.stream_chat(route, chat, ctx.attempt)
     encoder = protocol.stream_encoder(chat, stream)
     headers = response_headers(ctx, protocol.endpoint)
+    if plan is not None and gateway.cache is not None:
+        headers["x-plinth-cache"] = plan.header
+        stream.events = gateway.cache.record(plan, stream, first)  # stored once the stream completed
     _finish_metrics(ctx, protocol.endpoint, 200)
     meter = _StreamMeter(gateway, ctx, protocol.endpoint)
     body = _relay(

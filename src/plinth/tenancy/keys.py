@@ -14,7 +14,7 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from plinth.config.schema import StaticKeyConfig
 
@@ -59,6 +59,7 @@ class Principal:
     team_name: str | None = None
     limits: RateLimits | None = None  # the key's own
     team_limits: RateLimits | None = None  # the team's, shared by all its keys
+    cache: str | None = None  # "exact" or "semantic": this key's requests use the response cache
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
@@ -83,7 +84,9 @@ class StaticKeyStore:
             digest = key_digest(entry.key.get_secret_value()) if entry.key is not None else entry.key_sha256
             assert digest is not None
             models = frozenset(entry.models) if entry.models is not None else None
-            self._by_digest[digest.lower()] = Principal(name=entry.name, allowed_models=models)
+            self._by_digest[digest.lower()] = Principal(
+                name=entry.name, allowed_models=models, cache=entry.cache
+            )
 
     def authenticate(self, presented: str) -> Principal | None:
         digest = key_digest(presented)
@@ -108,7 +111,14 @@ def principal_for(key: ApiKey, team: Team) -> Principal:
         team_name=team.name,
         limits=RateLimits.of(key),
         team_limits=RateLimits.of(team),
+        cache=_cache_mode(key.extra),
     )
+
+
+def _cache_mode(metadata: dict[str, Any] | None) -> str | None:
+    """Key metadata `{"cache": "exact"|"semantic"}` opts the key into response caching."""
+    mode = (metadata or {}).get("cache")
+    return mode if mode in ("exact", "semantic") else None
 
 
 class DatabaseKeyStore:
