@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import itertools
 import time
 from collections.abc import Callable
@@ -69,6 +70,11 @@ class World:
 
     def fresh_key(self, team: str) -> str:
         return str(self.admin.ok("POST", "/keys", {"team_id": team, "name": uniq("k")})["id"])
+
+    def budget(self, scope: str, scope_id: str, period: str = "month") -> str:
+        """The id of the (created or replaced) budget of a scope."""
+        body = {"scope": scope, "scope_id": scope_id, "period": period, "limit_usd": 10}
+        return str(self.admin.ok("POST", "/budgets", body)["id"])
 
 
 def build_world(server: GatewayServer) -> World:
@@ -207,6 +213,132 @@ MATRIX: list[tuple[str, Request, dict[str, int]]] = [
     ),
     ("list users", lambda w: ("GET", "/users", None), row(200, *READERS, "team_admin")),
     ("whoami", lambda w: ("GET", "/whoami", None), row(200, *EVERYONE)),
+    # --- limits: team admins set their own team's keys' limits; a team's own limits are above it.
+    (
+        "create team with limits",
+        lambda w: ("POST", "/teams", {"org_id": w.org, "name": uniq("t"), "rpm_limit": 60}),
+        row(201, *ADMINS),
+    ),
+    (
+        "create key with limits in own team",
+        lambda w: ("POST", "/keys", {"team_id": w.team_a, "name": uniq("k"), "tpm_limit": 1000}),
+        row(201, *ADMINS, "team_admin"),
+    ),
+    (
+        "create key with limits in other team",
+        lambda w: ("POST", "/keys", {"team_id": w.team_b, "name": uniq("k"), "rpm_limit": 5}),
+        row(201, *ADMINS),
+    ),
+    (
+        "set own key limits",
+        lambda w: ("PATCH", f"/keys/{w.key_a}/limits", {"rpm_limit": 100}),
+        row(200, *ADMINS, "team_admin"),
+    ),
+    (
+        "set other key limits",
+        lambda w: ("PATCH", f"/keys/{w.key_b}/limits", {"rpm_limit": 100}),
+        row(200, *ADMINS),
+    ),
+    (
+        "set own team limits",
+        lambda w: ("PATCH", f"/teams/{w.team_a}/limits", {"max_concurrency": 10}),
+        row(200, *ADMINS),
+    ),
+    (
+        "set other team limits",
+        lambda w: ("PATCH", f"/teams/{w.team_b}/limits", {"tpm_limit": None}),
+        row(200, *ADMINS),
+    ),
+    # --- budgets: team admins write their team's and its keys'; members read them; auditors read all.
+    (
+        "set own team budget",
+        lambda w: (
+            "POST",
+            "/budgets",
+            {"scope": "team", "scope_id": w.team_a, "period": "day", "limit_usd": 5},
+        ),
+        row(200, *ADMINS, "team_admin"),
+    ),
+    (
+        "set own key budget",
+        lambda w: (
+            "POST",
+            "/budgets",
+            {"scope": "key", "scope_id": w.key_a, "period": "day", "limit_usd": 1},
+        ),
+        row(200, *ADMINS, "team_admin"),
+    ),
+    (
+        "set other team budget",
+        lambda w: (
+            "POST",
+            "/budgets",
+            {"scope": "team", "scope_id": w.team_b, "period": "day", "limit_usd": 5},
+        ),
+        row(200, *ADMINS),
+    ),
+    (
+        "set other key budget",
+        lambda w: (
+            "POST",
+            "/budgets",
+            {"scope": "key", "scope_id": w.key_b, "period": "day", "limit_usd": 1},
+        ),
+        row(200, *ADMINS),
+    ),
+    (
+        "set org budget",
+        lambda w: (
+            "POST",
+            "/budgets",
+            {"scope": "org", "scope_id": w.org, "period": "month", "limit_usd": 99},
+        ),
+        row(200, *ADMINS),
+    ),
+    ("list budgets", lambda w: ("GET", "/budgets", None), row(200, *EVERYONE)),
+    ("list budget events", lambda w: ("GET", "/budgets/events", None), row(200, *EVERYONE)),
+    (
+        "show own team budget",
+        lambda w: ("GET", f"/budgets/{w.budget('team', w.team_a)}", None),
+        row(200, *EVERYONE),
+    ),
+    (
+        "show own key budget",
+        lambda w: ("GET", f"/budgets/{w.budget('key', w.key_a)}", None),
+        row(200, *EVERYONE),
+    ),
+    (
+        "show other team budget",
+        lambda w: ("GET", f"/budgets/{w.budget('team', w.team_b)}", None),
+        row(200, *READERS),
+    ),
+    ("show org budget", lambda w: ("GET", f"/budgets/{w.budget('org', w.org)}", None), row(200, *READERS)),
+    (
+        "own budget status",
+        lambda w: ("GET", f"/budgets/{w.budget('team', w.team_a)}/status", None),
+        row(200, *EVERYONE),
+    ),
+    (
+        "other budget status",
+        lambda w: ("GET", f"/budgets/{w.budget('key', w.key_b)}/status", None),
+        row(200, *READERS),
+    ),
+    (
+        "delete own budget",
+        lambda w: ("DELETE", f"/budgets/{w.budget('key', w.key_a, 'day')}", None),
+        row(200, *ADMINS, "team_admin"),
+    ),
+    (
+        "delete other budget",
+        lambda w: ("DELETE", f"/budgets/{w.budget('team', w.team_b, 'day')}", None),
+        row(200, *ADMINS),
+    ),
+    # --- usage: team members read their own team's spend.
+    ("usage (default team)", lambda w: ("GET", "/usage", None), row(200, *EVERYONE)),
+    ("own team usage", lambda w: ("GET", f"/usage?team_id={w.team_a}", None), row(200, *EVERYONE)),
+    ("other team usage", lambda w: ("GET", f"/usage?team_id={w.team_b}", None), row(200, *READERS)),
+    ("own team usage csv", lambda w: ("GET", f"/usage.csv?team_id={w.team_a}", None), row(200, *EVERYONE)),
+    ("other team usage csv", lambda w: ("GET", f"/usage.csv?team_id={w.team_b}", None), row(200, *READERS)),
 ]
 
 
@@ -223,7 +355,13 @@ def test_role_permission_matrix(world: World) -> None:
 def test_matrix_covers_every_operation() -> None:
     """A new endpoint must get a row in the matrix (operations are matched by method and path)."""
     covered = {
-        (method, path.split("?")[0].replace("key_", "{key_id}").replace("team_", "{team_id}"))
+        (
+            method,
+            path.split("?")[0]
+            .replace("key_", "{key_id}")
+            .replace("team_", "{team_id}")
+            .replace("bud_", "{budget_id}"),
+        )
         for _, request, _ in MATRIX
         for method, path, _ in [request(cast(World, _FakeWorld()))]
     }
@@ -242,6 +380,9 @@ class _FakeWorld:
 
     def fresh_key(self, team: str) -> str:
         return "key_"
+
+    def budget(self, scope: str, scope_id: str, period: str = "month") -> str:
+        return "bud_"
 
 
 def test_team_members_see_only_their_team(world: World) -> None:
@@ -272,6 +413,8 @@ def test_whoami(world: World) -> None:
     assert me["kind"] == "user" and me["role"] == "developer" and me["team_id"] == world.team_a
     assert me["user"]["email"] == "developer@acme.test" and "token" not in me["user"]
     assert "keys:write" in me["permissions"] and "orgs:read" not in me["permissions"]
+    assert {"budgets:read", "usage:read"} <= set(me["permissions"])
+    assert not {"limits:write", "budgets:write"} & set(me["permissions"])
     admin = world.admin.ok("GET", "/whoami")
     assert admin == {
         "kind": "admin_key",
@@ -444,6 +587,67 @@ def bad_inputs(w: World) -> list[tuple[str, str, Any, int, str | None]]:
         ("POST", "/users", {"email": "a@b.test", "role": "wizard"}, 400, "invalid_value"),
         ("POST", "/users", {"email": "a@b.test", "role": "developer"}, 400, "invalid_value"),
         ("POST", "/users", {"email": "auditor@acme.test", "role": "auditor"}, 409, "conflict"),
+        # limits
+        ("POST", "/keys", {"team_id": team, "name": "k", "rpm_limit": 0}, 400, "invalid_value"),
+        ("POST", "/keys", {"team_id": team, "name": "k", "tpm_limit": "5"}, 400, "invalid_value"),
+        ("POST", "/keys", {"team_id": team, "name": "k", "max_concurrency": True}, 400, "invalid_value"),
+        ("POST", "/keys", {"team_id": team, "name": "k", "rpm_limit": 1.5}, 400, "invalid_value"),
+        ("POST", "/keys", {"team_id": team, "name": "k", "rpm_limit": 10**10}, 400, "invalid_value"),
+        ("POST", "/teams", {"org_id": w.org, "name": "t9", "rpm_limit": -1}, 400, "invalid_value"),
+        ("PATCH", f"/keys/{w.key_a}/limits", {}, 400, "invalid_value"),
+        ("PATCH", f"/keys/{w.key_a}/limits", b"", 400, "invalid_json"),
+        ("PATCH", f"/keys/{w.key_a}/limits", {"rpm": 5}, 400, "unknown_field"),
+        ("PATCH", "/keys/key_missing/limits", {"rpm_limit": 5}, 404, "not_found"),
+        ("PATCH", "/teams/team_missing/limits", {"rpm_limit": 5}, 404, "not_found"),
+        # budgets
+        ("POST", "/budgets", {"scope": "team", "scope_id": team, "period": "day"}, 400, "missing_field"),
+        (
+            "POST",
+            "/budgets",
+            {"scope": "galaxy", "scope_id": team, "period": "day", "limit_usd": 1},
+            400,
+            "invalid_value",
+        ),
+        (
+            "POST",
+            "/budgets",
+            {"scope": "team", "scope_id": team, "period": "week", "limit_usd": 1},
+            400,
+            "invalid_value",
+        ),
+        (
+            "POST",
+            "/budgets",
+            {"scope": "team", "scope_id": team, "period": "day", "limit_usd": -1},
+            400,
+            "invalid_value",
+        ),
+        (
+            "POST",
+            "/budgets",
+            {"scope": "team", "scope_id": team, "period": "day", "limit_usd": 1, "soft_limit_usd": 2},
+            400,
+            "invalid_value",
+        ),
+        (
+            "POST",
+            "/budgets",
+            {"scope": "team", "scope_id": "team_missing", "period": "day", "limit_usd": 1},
+            404,
+            "not_found",
+        ),
+        ("GET", "/budgets/bud_missing", None, 404, "not_found"),
+        ("GET", "/budgets/bud_missing/status", None, 404, "not_found"),
+        ("DELETE", "/budgets/bud_missing", None, 404, "not_found"),
+        ("GET", "/budgets?scope=galaxy", None, 400, "invalid_value"),
+        ("GET", "/budgets/events?limit=0", None, 400, "invalid_value"),
+        # usage
+        ("GET", "/usage?group_by=team,colour", None, 400, "invalid_value"),
+        ("GET", "/usage?since=yesterday", None, 400, "invalid_value"),
+        ("GET", "/usage?since=2026-02-01&until=2026-01-01", None, 400, "invalid_value"),
+        ("GET", "/usage?since=2999-01-01", None, 400, "invalid_value"),
+        ("GET", "/usage.csv?group_by=nope", None, 400, "invalid_value"),
+        ("GET", "/usage?colour=red", None, 400, "unknown_field"),
         ("GET", "/nowhere", None, 404, "unknown_url"),
         ("DELETE", "/keys", None, 405, "method_not_allowed"),
         ("POST", "/orgs", b"{" + b" " * (2 << 20) + b"}", 413, "request_too_large"),
@@ -505,6 +709,16 @@ def test_openapi_document(world: World) -> None:
         ("get", "/api/users"),
         ("get", "/api/whoami"),
         ("get", "/api/openapi.json"),
+        ("patch", "/api/keys/{key_id}/limits"),
+        ("patch", "/api/teams/{team_id}/limits"),
+        ("post", "/api/budgets"),
+        ("get", "/api/budgets"),
+        ("get", "/api/budgets/events"),
+        ("get", "/api/budgets/{budget_id}"),
+        ("delete", "/api/budgets/{budget_id}"),
+        ("get", "/api/budgets/{budget_id}/status"),
+        ("get", "/api/usage"),
+        ("get", "/api/usage.csv"),
     }
     assert {(m, p) for p, item in doc["paths"].items() for m in item} == expected
     schemas = doc["components"]["schemas"]
@@ -518,6 +732,10 @@ def test_openapi_document(world: World) -> None:
         body_schema["properties"]
     )
     assert set(create_key["responses"]) >= {"201", "400", "401", "403", "404"}
+    assert {"rpm_limit", "tpm_limit", "max_concurrency"} <= set(body_schema["properties"])
+    assert "text/csv" in doc["paths"]["/api/usage.csv"]["get"]["responses"]["200"]["content"]
+    usage_params = {p["name"] for p in doc["paths"]["/api/usage"]["get"]["parameters"]}
+    assert {"group_by", "since", "until", "team_id", "key_id", "model"} <= usage_params
     list_keys = doc["paths"]["/api/keys"]["get"]
     assert {p["name"] for p in list_keys["parameters"]} == {"team_id", "include_revoked"}
     text = response.text
@@ -584,3 +802,203 @@ async def test_api_key_works_on_chat_and_stops_after_revoke(
         assert took < 1.5
         body = (await client.post("/v1/chat/completions", json=chat, headers=auth)).json()
         assert body["error"]["code"] == "invalid_api_key"
+
+
+# --- limits, budgets, usage ----------------------------------------------------------------------
+
+
+def test_limits_on_create_and_patch(world: World) -> None:
+    admin = world.admin
+    team = admin.ok("POST", "/teams", {"org_id": world.org, "name": "limited", "rpm_limit": 600})
+    assert (team["rpm_limit"], team["tpm_limit"], team["max_concurrency"]) == (600, None, None)
+    key = admin.ok(
+        "POST", "/keys", {"team_id": team["id"], "name": "k", "rpm_limit": 60, "max_concurrency": 4}
+    )
+    assert (key["rpm_limit"], key["tpm_limit"], key["max_concurrency"]) == (60, None, 4)
+    # PATCH: fields left out stay, null lifts that limit.
+    patched = admin.ok("PATCH", f"/keys/{key['id']}/limits", {"tpm_limit": 10_000, "max_concurrency": None})
+    assert (patched["rpm_limit"], patched["tpm_limit"], patched["max_concurrency"]) == (60, 10_000, None)
+    assert admin.ok("GET", f"/keys/{key['id']}") == patched
+    team = admin.ok("PATCH", f"/teams/{team['id']}/limits", {"rpm_limit": None, "tpm_limit": 50_000})
+    assert (team["rpm_limit"], team["tpm_limit"]) == (None, 50_000)
+    assert admin.ok("GET", f"/teams/{team['id']}")["tpm_limit"] == 50_000
+    # Rotation keeps the limits.
+    rotated = admin.ok("POST", f"/keys/{key['id']}/rotate")
+    assert (rotated["rpm_limit"], rotated["tpm_limit"]) == (60, 10_000)
+    # A developer creates keys but may not give them limits; the error names the field.
+    denied = world.as_("developer")("POST", "/keys", {"name": "fast", "tpm_limit": 99})
+    error = denied.json()["error"]
+    assert denied.status_code == 403 and error["param"] == "tpm_limit" and "key limits" in error["message"]
+    bad = admin("PATCH", f"/keys/{key['id']}/limits", {"rpm_limit": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "rpm_limit"
+    empty = admin("PATCH", f"/keys/{key['id']}/limits", {})
+    assert empty.status_code == 400 and "rpm_limit" in empty.json()["error"]["message"]
+
+
+def test_rotate_is_atomic(world: World) -> None:
+    """A rotation that cannot create the new key leaves the old one working (one transaction)."""
+    from plinth.tenancy.service import TenancyService
+
+    db = _database(world)
+    service = TenancyService(db)
+    key = service.create_key(world.team_a, "to-rotate").key
+    original = service._insert_key
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        original(*args, **kwargs)
+        raise RuntimeError("disk full")
+
+    service._insert_key = failing  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        service.rotate_key(key.id)
+    service._insert_key = original  # type: ignore[method-assign]
+    assert service.get_key(key.id).revoked_at is None
+    assert [k.id for k in service.list_keys(world.team_a) if k.rotated_from == key.id] == []
+    rotated = service.rotate_key(key.id)
+    assert service.get_key(key.id).revoked_reason == f"rotated to {rotated.key.id}"
+
+
+def _database(world: World) -> Any:
+    """The server's own database (to write usage records as the gateway would)."""
+    return world.server.app.state.budgets.service.db
+
+
+def _usage(world: World, when: dt.datetime, *, team: str, key: str, model: str, cost: float) -> None:
+    from plinth.metering.models import UsageRecord
+
+    with _database(world).session() as session:
+        session.add(
+            UsageRecord(
+                request_id=uniq("req"),
+                created_at=when,
+                org_id=world.org,
+                team_id=team,
+                key_id=key,
+                key_name="k",
+                route="chat",
+                model=model,
+                status=200,
+                input_tokens=100,
+                output_tokens=10,
+                cost_usd=cost,
+            )
+        )
+
+
+def test_budgets_crud_status_and_scoping(world: World) -> None:
+    admin = world.admin
+    body = {"scope": "team", "scope_id": world.team_a, "period": "month", "limit_usd": 10}
+    budget = admin.ok("POST", "/budgets", body)
+    assert budget["object"] == "budget" and budget["soft_limit_usd"] is None
+    replaced = admin.ok("POST", "/budgets", {**body, "limit_usd": 20, "soft_limit_usd": 15})
+    assert replaced["id"] == budget["id"] and (replaced["limit_usd"], replaced["soft_limit_usd"]) == (20, 15)
+    assert admin.ok("GET", f"/budgets/{budget['id']}") == replaced
+    other = admin.ok("POST", "/budgets", {**body, "scope_id": world.team_b})
+    key_budget = admin.ok(
+        "POST", "/budgets", {"scope": "key", "scope_id": world.key_a, "period": "day", "limit_usd": 1}
+    )
+    org_budget = admin.ok(
+        "POST", "/budgets", {"scope": "org", "scope_id": world.org, "period": "month", "limit_usd": 100}
+    )
+    every = {b["id"] for b in admin.ok("GET", "/budgets")["data"]}
+    assert every == {budget["id"], other["id"], key_budget["id"], org_budget["id"]}
+    assert [b["id"] for b in admin.ok("GET", "/budgets", scope="key")["data"]] == [key_budget["id"]]
+    # Team members see their team's budget and its keys' budgets, nothing else.
+    for role in ("team_admin", "developer"):
+        seen = {b["id"] for b in world.as_(role).ok("GET", "/budgets")["data"]}
+        assert seen == {budget["id"], key_budget["id"]}, role
+    assert {b["id"] for b in world.as_("auditor").ok("GET", "/budgets")["data"]} == every
+    denied = world.as_("team_admin")("POST", "/budgets", {**body, "scope": "org", "scope_id": world.org})
+    assert denied.status_code == 403 and denied.json()["error"]["param"] == "scope"
+
+    # Status: spend of this period from the usage records; reservations in flight from the tracker.
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    _usage(world, now, team=world.team_a, key=world.key_a, model="gpt-4o-mini", cost=2.5)
+    _usage(world, now - dt.timedelta(days=40), team=world.team_a, key=world.key_a, model="m", cost=100)
+    status = admin.ok("GET", f"/budgets/{budget['id']}/status")
+    assert (status["spent_usd"], status["reserved_usd"], status["remaining_usd"]) == (2.5, 0, 17.5)
+    assert status["period_start"].endswith("-01T00:00:00Z") and status["limit_usd"] == 20
+    from plinth.budgets.periods import window
+    from plinth.budgets.tracker import NANO, Check, Rule
+
+    tracker = world.server.app.state.budgets.tracker
+    win = window("month", time.time())
+    check = Check.of(Rule("team", world.team_a, "month", 20 * NANO), win)
+    assert asyncio.run(tracker.reserve([check], 3 * NANO)) is None  # a request in flight holds $3
+    status = admin.ok("GET", f"/budgets/{budget['id']}/status")
+    assert (status["spent_usd"], status["reserved_usd"], status["remaining_usd"]) == (2.5, 3, 14.5)
+
+    events = admin.ok("GET", "/budgets/events")
+    assert events == {"object": "list", "data": []}
+    deleted = admin.ok("DELETE", f"/budgets/{budget['id']}")
+    assert deleted == {"id": budget["id"], "object": "budget", "deleted": True}
+    assert admin("GET", f"/budgets/{budget['id']}").status_code == 404
+
+
+def test_budget_events_are_listed_per_scope(world: World) -> None:
+    from plinth.budgets.service import BudgetService, PendingEvent
+
+    start = dt.datetime(2026, 1, 1)
+    BudgetService(_database(world)).record_events(
+        [
+            PendingEvent("team", world.team_a, "month", start, "soft", 10.0, 8.0),
+            PendingEvent("team", world.team_b, "month", start, "hard", 10.0, 10.0),
+        ]
+    )
+    assert len(world.admin.ok("GET", "/budgets/events")["data"]) == 2
+    mine = world.as_("developer").ok("GET", "/budgets/events")["data"]
+    assert [(e["scope_id"], e["kind"], e["spent_usd"]) for e in mine] == [(world.team_a, "soft", 8.0)]
+    hard = world.admin.ok("GET", "/budgets/events", scope="team", scope_id=world.team_b)["data"]
+    assert [e["kind"] for e in hard] == ["hard"]
+
+
+def test_usage_report_json_and_csv(world: World) -> None:
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0)
+    for team, key, model, cost in [
+        (world.team_a, world.key_a, "gpt-4o-mini", 0.5),
+        (world.team_a, world.key_a, "gpt-4o-mini", 0.25),
+        (world.team_a, world.key_a, "claude", 1.0),
+        (world.team_b, world.key_b, "gpt-4o-mini", 4.0),
+    ]:
+        _usage(world, now, team=team, key=key, model=model, cost=cost)
+    _usage(world, now - dt.timedelta(days=40), team=world.team_a, key=world.key_a, model="old", cost=9)
+    admin = world.admin
+    report = admin.ok("GET", "/usage", group_by="team,model")
+    assert report["group_by"] == ["team", "model"] and report["since"].endswith("-01T00:00:00Z")
+    rows = {(r["team_id"], r["model"]): (r["requests"], r["cost_usd"]) for r in report["data"]}
+    assert rows == {
+        (world.team_a, "claude"): (1, 1.0),
+        (world.team_a, "gpt-4o-mini"): (2, 0.75),
+        (world.team_b, "gpt-4o-mini"): (1, 4.0),
+    }
+    # A developer sees their own team only, whatever they group by.
+    mine = world.as_("developer").ok("GET", "/usage", group_by="team")["data"]
+    assert [(r["team_id"], r["cost_usd"]) for r in mine] == [(world.team_a, 1.75)]
+    total = admin.ok("GET", "/usage", group_by="", model="gpt-4o-mini")["data"]
+    assert [(r["requests"], r["cost_usd"]) for r in total] == [(3, 4.75)]
+    since = (now - dt.timedelta(days=60)).date().isoformat()
+    old = admin.ok("GET", "/usage", group_by="day,model", since=since, key_id=world.key_a)["data"]
+    assert {r["model"] for r in old} == {"old", "gpt-4o-mini", "claude"}
+
+    csv_response = admin("GET", "/usage.csv", group_by="team,model", team_id=world.team_a)
+    assert csv_response.status_code == 200
+    assert csv_response.headers["content-type"].startswith("text/csv")
+    assert csv_response.headers["content-disposition"].startswith('attachment; filename="plinth-usage-')
+    lines = csv_response.text.splitlines()
+    assert lines[0] == "team_id,model,requests,input_tokens,output_tokens,cached_input_tokens,cost_usd"
+    assert lines[1:] == [
+        f"{world.team_a},claude,1,100,10,0,1.000000",
+        f"{world.team_a},gpt-4o-mini,2,200,20,0,0.750000",
+    ]
+
+
+def test_concurrent_rotations_issue_one_key(world: World) -> None:
+    """Two rotations of one key at once: one wins, the other is told the key is revoked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = world.fresh_key(world.team_a)
+    with ThreadPoolExecutor(4) as pool:
+        codes = sorted(pool.map(lambda _: world.admin("POST", f"/keys/{key}/rotate").status_code, range(4)))
+    assert codes == [200, 400, 400, 400]
+    keys = world.admin.ok("GET", "/keys", team_id=world.team_a, include_revoked="true")["data"]
+    assert len([k for k in keys if k["rotated_from"] == key]) == 1

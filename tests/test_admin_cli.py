@@ -1,7 +1,8 @@
-"""`plinth orgs|teams|projects|keys|users`: the CLI against a real server over HTTP."""
+"""`plinth orgs|teams|projects|keys|users|budgets|usage`: the CLI against a real server over HTTP."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import socket
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typer.testing import CliRunner, Result
 from conftest import ADMIN_KEY, GatewayServer
 from plinth.admin.cli import DataClassChoice, RoleChoice
 from plinth.cli import app
+from plinth.metering.models import UsageRecord
 from plinth.tenancy.models import DataClass, Role
 
 
@@ -159,6 +161,14 @@ def test_cannot_reach_server() -> None:
         ["keys", "create", "k", "--expires-in-days", "0"],
         ["teams", "create", "ml"],  # --org is required
         ["keys", "show"],
+        ["keys", "create", "k", "--rpm", "0"],
+        ["keys", "limits", "key_x"],  # nothing to change
+        ["keys", "limits", "key_x", "--rpm", "fast"],
+        ["teams", "limits", "team_x", "--tpm", "-5"],
+        ["budgets", "set", "--limit", "5"],  # whose?
+        ["budgets", "set", "--limit", "5", "--team", "t", "--org", "o"],
+        ["budgets", "set", "--limit", "-1", "--team", "t"],
+        ["budgets", "set", "--limit", "5", "--team", "t", "--period", "week"],
     ],
 )
 def test_usage_errors_exit_2(server: GatewayServer, args: list[str]) -> None:
@@ -170,3 +180,96 @@ def test_missing_credential_or_bad_url_exit_2(server: GatewayServer) -> None:
     assert no_token.exit_code == 2 and "PLINTH_TOKEN" in no_token.stderr
     bad_url = Cli("ftp://example.invalid")("orgs", "list")
     assert bad_url.exit_code == 2 and "invalid --url" in bad_url.stderr
+
+
+def test_limits(server: GatewayServer) -> None:
+    cli = Cli(server.url)
+    org = cli.json("orgs", "create", "acme")
+    team = cli.json("teams", "create", "ml", "--org", org["id"], "--rpm", "600")
+    assert team["rpm_limit"] == 600 and team["tpm_limit"] is None
+    key = cli.json("keys", "create", "ci", "--team", team["id"], "--rpm", "60", "--tpm", "1000")
+    assert (key["rpm_limit"], key["tpm_limit"], key["max_concurrency"]) == (60, 1000, None)
+    changed = cli.json("keys", "limits", key["id"], "--tpm", "none", "--max-concurrency", "3")
+    assert (changed["rpm_limit"], changed["tpm_limit"], changed["max_concurrency"]) == (60, None, 3)
+    team = cli.json("teams", "limits", team["id"], "--rpm", "unlimited", "--tpm", "90000")
+    assert (team["rpm_limit"], team["tpm_limit"]) == (None, 90000)
+    table = cli("keys", "show", key["id"])
+    assert table.exit_code == 0 and "RPM" in table.stdout and "60" in table.stdout
+
+
+def test_budgets(server: GatewayServer) -> None:
+    cli = Cli(server.url)
+    org = cli.json("orgs", "create", "acme")
+    team = cli.json("teams", "create", "ml", "--org", org["id"])
+    budget = cli.json("budgets", "set", "--team", team["id"], "--limit", "50", "--soft", "40")
+    assert (budget["scope"], budget["period"], budget["limit_usd"], budget["soft_limit_usd"]) == (
+        "team",
+        "month",
+        50,
+        40,
+    )
+    daily = cli.json("budgets", "set", "--org", org["id"], "--period", "day", "--limit", "5")
+    assert [b["id"] for b in cli.json("budgets", "list")] == [daily["id"], budget["id"]]
+    assert [b["id"] for b in cli.json("budgets", "list", "--team", team["id"])] == [budget["id"]]
+    status = cli.json("budgets", "show", budget["id"])
+    assert (status["spent_usd"], status["reserved_usd"], status["remaining_usd"]) == (0, 0, 50)
+    shown = cli("budgets", "show", budget["id"])
+    assert shown.exit_code == 0 and "Remaining USD" in shown.stdout and "50.0" in shown.stdout
+    assert cli.json("budgets", "events") == []
+    assert cli("budgets", "events").stdout.strip() == "No budget events."
+    deleted = cli("budgets", "delete", budget["id"])
+    assert deleted.exit_code == 0 and deleted.stdout.strip() == f"Deleted budget {budget['id']}."
+    gone = cli("budgets", "show", budget["id"])
+    assert gone.exit_code == 1 and f"budget '{budget['id']}' does not exist (HTTP 404)" in gone.stderr
+    bad = cli("budgets", "set", "--team", team["id"], "--limit", "5", "--soft", "6")
+    assert bad.exit_code == 1 and "soft_limit_usd" in bad.stderr
+
+
+def test_usage(server: GatewayServer, tmp_path: Any) -> None:
+    cli = Cli(server.url)
+    org = cli.json("orgs", "create", "acme")
+    team = cli.json("teams", "create", "ml", "--org", org["id"])
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    with server.app.state.budgets.service.db.session() as session:
+        for model, cost in (("gpt-4o-mini", 0.5), ("gpt-4o-mini", 0.25), ("claude", 2.0)):
+            session.add(
+                UsageRecord(
+                    request_id=f"r-{model}-{cost}",
+                    created_at=now,
+                    org_id=org["id"],
+                    team_id=team["id"],
+                    route="chat",
+                    model=model,
+                    status=200,
+                    input_tokens=10,
+                    output_tokens=5,
+                    cost_usd=cost,
+                )
+            )
+    report = cli.json("usage", "--by", "model")
+    assert [(r["model"], r["requests"], r["cost_usd"]) for r in report["data"]] == [
+        ("claude", 1, 2.0),
+        ("gpt-4o-mini", 2, 0.75),
+    ]
+    table = cli("usage", "--by", "team,model,day", "--team", team["id"])
+    assert table.exit_code == 0, table.stderr
+    assert (
+        "Cost USD" in table.stdout and "2.000000" in table.stdout and now.date().isoformat() in table.stdout
+    )
+    assert "Total: 3 requests, 2.750000 USD" in table.stdout
+    out = tmp_path / "spend.csv"
+    written = cli("usage", "--by", "model", "--csv", str(out))
+    assert written.exit_code == 0 and "Wrote 2 rows" in written.stderr
+    assert out.read_text().splitlines() == [
+        "model,requests,input_tokens,output_tokens,cached_input_tokens,cost_usd",
+        "claude,1,10,5,0,2.000000",
+        "gpt-4o-mini,2,20,10,0,0.750000",
+    ]
+    to_stdout = cli("usage", "--by", "", "--csv", "-")
+    assert to_stdout.stdout.splitlines()[1] == "3,30,15,0,2.750000"
+    empty = cli("usage", "--since", "2020-01-01", "--until", "2020-02-01")
+    assert empty.exit_code == 0 and "No usage in this range." in empty.stdout
+    bad = cli("usage", "--by", "colour")
+    assert bad.exit_code == 1 and "group_by" in bad.stderr and "colour" in bad.stderr
+    bad_date = cli("usage", "--since", "yesterday")
+    assert bad_date.exit_code == 1 and "since" in bad_date.stderr

@@ -1,14 +1,15 @@
 """The admin API under `/api/`: one table of operations drives routing, auth and the OpenAPI document.
 
 Each `Operation` names its method, path, permission, body/query/response models and a plain
-synchronous handler. The handlers call `TenancyService` (blocking database I/O), so they run in a
-worker thread; nothing here is on the model-serving hot path. Every failure is answered in the
+synchronous handler. The handlers call `TenancyService`, `BudgetService` and the spend reports
+(blocking database I/O), so they run in a worker thread; nothing here is on the model-serving hot path. Every failure is answered in the
 OpenAI error shape with a fitting status, never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -22,9 +23,15 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from plinth.admin import schemas as s
 from plinth.admin.auth import ADMIN_ACTOR, VIRTUAL_KEY_REFUSED, Actor
+from plinth.budgets.admission import BudgetAdmission
+from plinth.budgets.models import Budget, BudgetScope
+from plinth.budgets.periods import Window, window
+from plinth.budgets.service import BudgetService
+from plinth.budgets.tracker import NANO, Check, Rule, SpendTracker
 from plinth.gateway import openai_protocol
 from plinth.gateway.errors import GatewayError
 from plinth.gateway.pipeline import Endpoint, error_response, new_context
+from plinth.metering import reports
 from plinth.storage import utcnow
 from plinth.tenancy.keys import KeyStore, key_digest
 from plinth.tenancy.models import ApiKey, Role, User
@@ -45,6 +52,9 @@ class Call:
     path: dict[str, str]
     body: BaseModel | None
     query: BaseModel | None
+    # The gateway's budget tracker and event loop, to read reservations in flight (budget status).
+    tracker: SpendTracker | None = None
+    loop: asyncio.AbstractEventLoop | None = None
 
     def body_as(self, model: type[B]) -> B:
         assert isinstance(self.body, model)
@@ -70,6 +80,7 @@ class Operation:
     body_optional: bool = False
     query: type[BaseModel] | None = None
     public: bool = False  # no credential needed (the OpenAPI document)
+    media_type: str = "application/json"  # "text/csv": the handler returns `CsvOut`
     errors: tuple[int, ...] = field(default=())
 
     @property
@@ -85,7 +96,7 @@ def _error(exc: TenancyError) -> GatewayError:
 def _validation_error(exc: ValidationError, where: str) -> GatewayError:
     first = exc.errors(include_url=False)[0]
     loc = ".".join(str(part) for part in first["loc"])
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")  # our own validators' messages read alone
     if first["type"] == "missing":
         return GatewayError(400, f"Missing {where} field '{loc}'.", param=loc, code="missing_field")
     if first["type"] == "extra_forbidden":
@@ -99,6 +110,7 @@ class AdminApi:
 
     def __init__(self, tenancy: TenancyService, keys: KeyStore) -> None:
         self.tenancy = tenancy
+        self.budgets = BudgetService(tenancy.db)
         self.keys = keys
         self.operations = self._operations()
         self._openapi: bytes | None = None
@@ -147,7 +159,13 @@ class AdminApi:
     def _create_team(self, call: Call) -> s.TeamOut:
         """Create a team inside an organization."""
         body = call.body_as(s.TeamCreate)
-        return s.TeamOut.of(self.tenancy.create_team(body.org_id, body.name))
+        return s.TeamOut.of(self.tenancy.create_team(body.org_id, body.name, **body.limits()))
+
+    def _set_team_limits(self, call: Call) -> s.TeamOut:
+        """Change a team's shared limits; fields left out stay, null removes a limit."""
+        team = self.tenancy.get_team(call.path["team_id"])
+        limits = call.body_as(s.LimitsPatch).merged(team)
+        return s.TeamOut.of(self.tenancy.set_team_limits(team.id, **limits))
 
     def _list_teams(self, call: Call) -> s.TeamList:
         """List teams, optionally of one organization; team members see only their own team."""
@@ -181,6 +199,11 @@ class AdminApi:
         """Create a virtual API key. The secret is in `key` and is never shown again."""
         body = call.body_as(s.KeyCreate)
         team_id = call.actor.team_or_own(body.team_id)
+        limits = body.limits()
+        given = [name for name, value in limits.items() if value is not None]
+        if given:
+            # Developers may create keys but not give them limits (that is the team admin's call).
+            call.actor.require("limits:write", "set key limits", param=given[0])
         now = utcnow()
         created = self.tenancy.create_key(
             team_id,
@@ -193,6 +216,9 @@ class AdminApi:
             tags=body.tags,
             metadata=body.metadata,
             created_by=call.actor.label,
+            rpm_limit=body.rpm_limit,
+            tpm_limit=body.tpm_limit,
+            max_concurrency=body.max_concurrency,
         )
         return s.CreatedKeyOut.with_secret(created.key, created.secret, now)
 
@@ -219,11 +245,173 @@ class AdminApi:
         created = self.tenancy.rotate_key(key.id, created_by=call.actor.label)
         return s.CreatedKeyOut.with_secret(created.key, created.secret, utcnow())
 
+    def _set_key_limits(self, call: Call) -> s.KeyOut:
+        """Change a key's own limits; fields left out stay, null removes a limit. Gateways apply it
+        within `storage.key_refresh_s`."""
+        key = self._own_key(call)
+        limits = call.body_as(s.LimitsPatch).merged(key)
+        return s.KeyOut.of(self.tenancy.set_key_limits(key.id, **limits), utcnow())
+
     def _revoke_key(self, call: Call) -> s.KeyOut:
         """Revoke a key; every gateway worker refuses it within `storage.key_refresh_s`."""
         key = self._own_key(call)
         reason = call.body_as(s.KeyRevoke).reason if call.body is not None else None
         return s.KeyOut.of(self.tenancy.revoke_key(key.id, reason), utcnow())
+
+    # --- budgets ---------------------------------------------------------------------------
+
+    def _check_budget_scope(self, actor: Actor, scope: str, scope_id: str) -> None:
+        """Team members act on budgets of their own team and its keys; org budgets are above them."""
+        if not actor.team_scoped:
+            return
+        if scope == BudgetScope.TEAM:
+            actor.check_team(scope_id)
+        elif scope == BudgetScope.KEY:
+            actor.check_team(self.tenancy.get_key(scope_id).team_id)
+        else:
+            raise GatewayError(
+                403,
+                f"Role '{actor.role.value}' may not act on organization budgets.",
+                param="scope",
+                code="other_team",
+            )
+
+    def _visible(self, actor: Actor) -> Callable[[str, str], bool]:
+        """Which (scope, scope_id) pairs the actor may read: all, or its team's and its keys'."""
+        if not actor.team_scoped:
+            return lambda scope, scope_id: True
+        keys = {key.id for key in self.tenancy.list_keys(actor.team_id, include_revoked=True)}
+
+        def visible(scope: str, scope_id: str) -> bool:
+            return (scope == BudgetScope.TEAM and scope_id == actor.team_id) or (
+                scope == BudgetScope.KEY and scope_id in keys
+            )
+
+        return visible
+
+    def _own_budget(self, call: Call) -> Budget:
+        budget = self.budgets.get_budget(call.path["budget_id"])
+        if not self._visible(call.actor)(budget.scope, budget.scope_id):
+            self._check_budget_scope(call.actor, budget.scope, budget.scope_id)  # raises the 403
+        return budget
+
+    def _set_budget(self, call: Call) -> s.BudgetOut:
+        """Create the budget of a key, team or organization for a period, or replace its limits."""
+        body = call.body_as(s.BudgetSet)
+        if body.soft_limit_usd is not None and body.soft_limit_usd > body.limit_usd:
+            raise GatewayError(
+                400,
+                f"soft_limit_usd ({body.soft_limit_usd}) must not be above limit_usd ({body.limit_usd}).",
+                param="soft_limit_usd",
+                code="invalid_value",
+            )
+        self._check_budget_scope(call.actor, body.scope, body.scope_id)
+        budget = self.budgets.set_budget(
+            body.scope, body.scope_id, body.period, body.limit_usd, soft_limit_usd=body.soft_limit_usd
+        )
+        return s.BudgetOut.of(budget)
+
+    def _list_budgets(self, call: Call) -> s.BudgetList:
+        """List budgets, optionally of one scope; team members see their team's and its keys'."""
+        query = call.query_as(s.BudgetQuery)
+        visible = self._visible(call.actor)
+        budgets = self.budgets.list_budgets(query.scope, query.scope_id)
+        return s.BudgetList(data=[s.BudgetOut.of(b) for b in budgets if visible(b.scope, b.scope_id)])
+
+    def _get_budget(self, call: Call) -> s.BudgetOut:
+        """Show one budget."""
+        return s.BudgetOut.of(self._own_budget(call))
+
+    def _delete_budget(self, call: Call) -> s.Deleted:
+        """Delete a budget; gateways stop enforcing it on their next poll."""
+        budget = self._own_budget(call)
+        self.budgets.delete_budget(budget.id)
+        return s.Deleted(id=budget.id, object="budget")
+
+    def _budget_status(self, call: Call) -> s.BudgetStatusOut:
+        """This period's spend, what requests in flight hold, and what remains."""
+        budget = self._own_budget(call)
+        win = window(budget.period, dt.datetime.now(dt.UTC).timestamp())
+        spent = self.budgets.spent(budget.scope, budget.scope_id, win)
+        reserved = 0.0
+        tracked = self._snapshot(call, budget, win)
+        if tracked is not None:
+            # The tracker holds settled costs that the batched usage records may not have yet.
+            spent = max(spent, tracked[0] / NANO)
+            reserved = tracked[1] / NANO
+        return s.BudgetStatusOut.with_spend(budget, win.start_dt, win.end_dt, spent, reserved)
+
+    def _snapshot(self, call: Call, budget: Budget, win: Window) -> tuple[int, int, int] | None:
+        """The tracker's (spent, reserved, peak) of the window, read on the gateway's event loop."""
+        if call.tracker is None or call.loop is None:
+            return None
+        rule = Rule(budget.scope, budget.scope_id, budget.period, round(budget.limit_usd * NANO))
+        future = asyncio.run_coroutine_threadsafe(call.tracker.snapshot(Check.of(rule, win)), call.loop)
+        try:
+            return future.result(timeout=5)
+        except Exception:  # e.g. Redis unreachable: answer with the database's view, not an error
+            future.cancel()
+            return None
+
+    def _list_budget_events(self, call: Call) -> s.BudgetEventList:
+        """Soft and hard limit crossings, newest first; team members see their team's and its keys'."""
+        query = call.query_as(s.EventQuery)
+        visible = self._visible(call.actor)
+        # Team members' events are filtered after the query: fetch more, then cut to `limit`.
+        fetch = max(query.limit * 10, 1000) if call.actor.team_scoped else query.limit
+        events = [
+            event
+            for event in self.budgets.list_events(query.scope, query.scope_id, limit=fetch)
+            if visible(event.scope, event.scope_id)
+        ]
+        return s.BudgetEventList(data=[s.BudgetEventOut.of(e) for e in events[: query.limit]])
+
+    # --- usage -----------------------------------------------------------------------------
+
+    def _report(self, call: Call) -> tuple[list[str], dt.datetime, dt.datetime, list[reports.SpendRow]]:
+        """The spend report a usage request asks for, confined to the caller's team if it has one."""
+        query = call.query_as(s.UsageQuery)
+        team_id = call.actor.team_or_own(query.team_id) if call.actor.team_scoped else query.team_id
+        now = utcnow()
+        month = dt.datetime(now.year, now.month, 1)
+        since = query.since or month
+        until = query.until or (month + dt.timedelta(days=32)).replace(day=1)
+        if since >= until:
+            field = "since" if query.since is not None else "until"
+            raise GatewayError(
+                400,
+                f"since ({since:%Y-%m-%d %H:%M}) must be before until ({until:%Y-%m-%d %H:%M}) UTC.",
+                param=field,
+                code="invalid_value",
+            )
+        groups = query.groups()
+        rows = reports.spend(
+            self.tenancy.db,
+            groups,
+            since,
+            until,
+            team_id=team_id,
+            key_id=query.key_id,
+            org_id=query.org_id,
+            model=query.model,
+        )
+        return groups, since, until, rows
+
+    def _usage(self, call: Call) -> s.UsageReport:
+        """Spend summed by the `group_by` columns over [since, until); team members see their team."""
+        groups, since, until, rows = self._report(call)
+        return s.UsageReport(
+            group_by=groups,
+            since=since.replace(tzinfo=dt.UTC),
+            until=until.replace(tzinfo=dt.UTC),
+            data=[row.as_dict() for row in rows],
+        )
+
+    def _usage_csv(self, call: Call) -> s.CsvOut:
+        """The same report as a CSV file download (`text/csv`)."""
+        groups, since, until, rows = self._report(call)
+        name = f"plinth-usage-{since:%Y%m%d}-{until:%Y%m%d}.csv"
+        return s.CsvOut(filename=name, text=reports.to_csv(rows, groups))
 
     # --- users -----------------------------------------------------------------------------
 
@@ -291,6 +479,27 @@ class AdminApi:
                       "keys", "keys:write", "rotate keys", errors=(404,)),
             Operation("POST", "/keys/{key_id}/revoke", self._revoke_key, s.KeyOut, "Revoke a key", "keys",
                       "keys:write", "revoke keys", body=s.KeyRevoke, body_optional=True, errors=(404,)),
+            Operation("PATCH", "/keys/{key_id}/limits", self._set_key_limits, s.KeyOut, "Set a key's limits",
+                      "keys", "limits:write", "set key limits", body=s.LimitsPatch, errors=(404,)),
+            Operation("PATCH", "/teams/{team_id}/limits", self._set_team_limits, s.TeamOut,
+                      "Set a team's limits", "teams", "teams:write", "set team limits", body=s.LimitsPatch,
+                      errors=(404,)),
+            Operation("POST", "/budgets", self._set_budget, s.BudgetOut, "Create or replace a budget",
+                      "budgets", "budgets:write", "set budgets", body=s.BudgetSet, errors=(404,)),
+            Operation("GET", "/budgets", self._list_budgets, s.BudgetList, "List budgets", "budgets",
+                      "budgets:read", "read budgets", query=s.BudgetQuery),
+            Operation("GET", "/budgets/events", self._list_budget_events, s.BudgetEventList,
+                      "List budget events", "budgets", "budgets:read", "read budgets", query=s.EventQuery),
+            Operation("GET", "/budgets/{budget_id}", self._get_budget, s.BudgetOut, "Show a budget",
+                      "budgets", "budgets:read", "read budgets", errors=(404,)),
+            Operation("GET", "/budgets/{budget_id}/status", self._budget_status, s.BudgetStatusOut,
+                      "Show a budget's spend", "budgets", "budgets:read", "read budgets", errors=(404,)),
+            Operation("DELETE", "/budgets/{budget_id}", self._delete_budget, s.Deleted, "Delete a budget",
+                      "budgets", "budgets:write", "delete budgets", errors=(404,)),
+            Operation("GET", "/usage", self._usage, s.UsageReport, "Spend report", "usage", "usage:read",
+                      "read usage", query=s.UsageQuery),
+            Operation("GET", "/usage.csv", self._usage_csv, s.CsvOut, "Spend report as CSV", "usage",
+                      "usage:read", "read usage", query=s.UsageQuery, media_type="text/csv"),
             Operation("POST", "/users", self._create_user, s.CreatedUserOut, "Create a user", "users",
                       "users:write", "create users", 201, s.UserCreate, errors=(404, 409)),
             Operation("GET", "/users", self._list_users, s.UserList, "List users", "users",
@@ -327,8 +536,12 @@ class AdminApi:
                 return error_response(_error(exc), ctx, ADMIN)
             except GatewayError as err:
                 return error_response(err, ctx, ADMIN)
+            headers = {"x-request-id": ctx.request_id}
+            if isinstance(result, s.CsvOut):
+                headers["content-disposition"] = f'attachment; filename="{result.filename}"'
+                return Response(result.text, operation.status, headers, "text/csv; charset=utf-8")
             body = orjson.dumps(result.model_dump(mode="json"))
-            return Response(body, operation.status, {"x-request-id": ctx.request_id}, "application/json")
+            return Response(body, operation.status, headers, "application/json")
 
         endpoint.__name__ = operation.operation_id
         return endpoint
@@ -351,7 +564,9 @@ class AdminApi:
                     body = operation.body.model_validate(raw)
                 except ValidationError as exc:
                     raise _validation_error(exc, "body") from None
-        call = Call(actor, dict(request.path_params), body, query)
+        admission = getattr(request.app.state, "budgets", None)
+        tracker = admission.tracker if isinstance(admission, BudgetAdmission) else None
+        call = Call(actor, dict(request.path_params), body, query, tracker, asyncio.get_running_loop())
         return await asyncio.to_thread(operation.handler, call)
 
 

@@ -15,11 +15,15 @@ from dataclasses import dataclass
 from plinth.gateway.errors import GatewayError
 from plinth.tenancy.models import Role, User
 
-RESOURCES = ("orgs", "teams", "projects", "keys", "users")
+RESOURCES = ("orgs", "teams", "projects", "keys", "users", "budgets", "usage")
 
 READ_ALL = frozenset(f"{resource}:read" for resource in RESOURCES)
 PERMISSIONS: dict[Role, frozenset[str]] = {
-    Role.PLATFORM_ADMIN: READ_ALL | {f"{resource}:write" for resource in RESOURCES},
+    # `usage` is read-only (usage records are written by the gateway); `limits:write` is the limits
+    # of keys (a team's own limits need `teams:write`, so a team admin cannot raise its own cap).
+    Role.PLATFORM_ADMIN: READ_ALL
+    | {f"{resource}:write" for resource in RESOURCES if resource != "usage"}
+    | {"limits:write"},
     Role.AUDITOR: READ_ALL,
     # Team admins may create users, but only developers of their own team (see the users handler).
     Role.TEAM_ADMIN: frozenset(
@@ -29,12 +33,19 @@ PERMISSIONS: dict[Role, frozenset[str]] = {
             "projects:write",
             "keys:read",
             "keys:write",
+            "limits:write",
             "users:read",
             "users:write",
+            "budgets:read",
+            "budgets:write",
+            "usage:read",
         }
     ),
-    # Reading their team includes its projects, so a developer can pick one for a new key.
-    Role.DEVELOPER: frozenset({"teams:read", "projects:read", "keys:read", "keys:write"}),
+    # Reading their team includes its projects, so a developer can pick one for a new key; they see
+    # their team's spend and budgets but cannot change limits or budgets.
+    Role.DEVELOPER: frozenset(
+        {"teams:read", "projects:read", "keys:read", "keys:write", "budgets:read", "usage:read"}
+    ),
 }
 
 # Roles whose every action is confined to their own team.
@@ -67,11 +78,14 @@ class Actor:
     def permissions(self) -> list[str]:
         return sorted(PERMISSIONS[self.role])
 
-    def require(self, permission: str, doing: str) -> None:
+    def require(self, permission: str, doing: str, param: str | None = None) -> None:
         """Refuse with 403 unless the role holds `permission`; `doing` names it for the message."""
         if permission not in PERMISSIONS[self.role]:
             raise GatewayError(
-                403, f"Role '{self.role.value}' may not {doing}.", code="insufficient_permissions"
+                403,
+                f"Role '{self.role.value}' may not {doing}.",
+                param=param,
+                code="insufficient_permissions",
             )
 
     def check_team(self, team_id: str) -> None:

@@ -32,7 +32,8 @@ _ERROR_TEXT = {
 def openapi_document(operations: list[Operation], prefix: str) -> dict[str, Any]:
     wanted: list[tuple[type[BaseModel], JsonSchemaMode]] = [(ErrorBody, "serialization")]
     for op in operations:
-        wanted.append((op.response, "serialization"))
+        if op.media_type == "application/json":
+            wanted.append((op.response, "serialization"))
         if op.body is not None:
             wanted.append((op.body, "validation"))
     wanted = list(dict.fromkeys(wanted))
@@ -62,7 +63,8 @@ def openapi_document(operations: list[Operation], prefix: str) -> dict[str, Any]
         "info": {
             "title": "Plinth admin API",
             "version": __version__,
-            "description": "Organizations, teams, projects, virtual API keys and users. Authenticate with "
+            "description": "Organizations, teams, projects, virtual API keys and their limits, users, "
+            "budgets and spend reports. Authenticate with "
             "the platform admin key or a user token (`pt-...`) as a bearer token; virtual API keys "
             "are refused.",
         },
@@ -110,12 +112,11 @@ def _operation(op: Operation, ref: Any) -> dict[str, Any]:
             "required": not op.body_optional,
             "content": {"application/json": {"schema": ref(op.body, "validation")}},
         }
-    responses: dict[str, Any] = {
-        str(op.status): {
-            "description": "Success.",
-            "content": {"application/json": {"schema": ref(op.response, "serialization")}},
-        }
-    }
+    if op.media_type == "application/json":
+        content = {"application/json": {"schema": ref(op.response, "serialization")}}
+    else:  # a file download, e.g. the CSV spend report
+        content = {op.media_type: {"schema": {"type": "string"}}}
+    responses: dict[str, Any] = {str(op.status): {"description": "Success.", "content": content}}
     for status in sorted({400, 401, 403, *(code for code in op.errors if code in _ERROR_TEXT)}):
         responses[str(status)] = {
             "description": _ERROR_TEXT[status],

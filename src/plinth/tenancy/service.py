@@ -190,31 +190,44 @@ class TenancyService:
             raise TenancyError(f"data_class must be one of {levels}, not '{data_class}'")
         if expires_at is not None and expires_at <= utcnow():
             raise TenancyError("expires_at must be in the future")
-        secret, prefix = new_secret(KEY_PREFIX)
         with self.db.session() as session:
-            _get(session, Team, team_id, "team")
-            if project_id is not None and _get(session, Project, project_id, "project").team_id != team_id:
-                raise TenancyError(f"project '{project_id}' does not belong to team '{team_id}'")
-            key = ApiKey(
-                team_id=team_id,
+            created = self._insert_key(
+                session,
+                team_id,
+                name,
                 project_id=project_id,
-                name=_name(name, "key"),
-                prefix=prefix,
-                key_hash=key_digest(secret),
                 allowed_models=allowed_models,
+                expires_at=expires_at,
                 environment=environment,
                 data_class=data_class,
-                tags=tags or [],
-                extra=metadata or {},
+                tags=tags,
+                extra=metadata,
                 created_by=created_by,
-                expires_at=expires_at,
                 rotated_from=rotated_from,
                 change_seq=_bump(session),
                 **limits,
             )
-            session.add(key)
             self._commit(session, f"key '{name}'")
-            return CreatedKey(key, secret)
+            return created
+
+    def _insert_key(
+        self, session: Session, team_id: str, name: str, *, project_id: str | None, **fields: Any
+    ) -> CreatedKey:
+        """Add a key with a fresh secret inside the caller's transaction (shared by create and rotate)."""
+        secret, prefix = new_secret(KEY_PREFIX)
+        _get(session, Team, team_id, "team")
+        if project_id is not None and _get(session, Project, project_id, "project").team_id != team_id:
+            raise TenancyError(f"project '{project_id}' does not belong to team '{team_id}'")
+        key = ApiKey(
+            team_id=team_id,
+            project_id=project_id,
+            name=_name(name, "key"),
+            prefix=prefix,
+            key_hash=key_digest(secret),
+            **{**fields, "tags": fields.get("tags") or [], "extra": fields.get("extra") or {}},
+        )
+        session.add(key)
+        return CreatedKey(key, secret)
 
     def list_keys(self, team_id: str | None = None, *, include_revoked: bool = False) -> list[ApiKey]:
         with self.db.session() as session:
@@ -251,28 +264,42 @@ class TenancyService:
             return key
 
     def rotate_key(self, key_id: str, *, created_by: str | None = None) -> CreatedKey:
-        """Issue a new secret with the same settings and revoke the old one, atomically for callers."""
-        old = self.get_key(key_id)
-        if old.revoked_at is not None:
-            raise TenancyError(f"key '{key_id}' is revoked; create a new key instead")
-        created = self.create_key(
-            old.team_id,
-            old.name,
-            project_id=old.project_id,
-            allowed_models=old.allowed_models,
-            expires_at=old.expires_at if old.expires_at and old.expires_at > utcnow() else None,
-            environment=old.environment,
-            data_class=old.data_class,
-            tags=old.tags,
-            metadata=old.extra,
-            created_by=created_by,
-            rotated_from=old.id,
-            rpm_limit=old.rpm_limit,
-            tpm_limit=old.tpm_limit,
-            max_concurrency=old.max_concurrency,
-        )
-        self.revoke_key(key_id, reason=f"rotated to {created.key.id}")
-        return created
+        """Issue a new secret with the same settings and revoke the old one in one transaction,
+        so a failure can never leave both keys working or neither (the old row is locked, so two
+        concurrent rotations cannot both succeed)."""
+        with self.db.session() as session:
+            # Write first, read after: the counter update takes the write lock (SQLite) or the row
+            # lock (PostgreSQL), so the old key is read after any concurrent rotation committed.
+            seq = _bump(session)
+            old = session.get(ApiKey, key_id, with_for_update=True)
+            if old is None:
+                raise NotFound(f"key '{key_id}' does not exist")
+            if old.revoked_at is not None:
+                raise TenancyError(f"key '{key_id}' is revoked; create a new key instead")
+            now = utcnow()
+            created = self._insert_key(
+                session,
+                old.team_id,
+                old.name,
+                project_id=old.project_id,
+                allowed_models=old.allowed_models,
+                expires_at=old.expires_at if old.expires_at and old.expires_at > now else None,
+                environment=old.environment,
+                data_class=old.data_class,
+                tags=list(old.tags or []),
+                extra=dict(old.extra or {}),
+                created_by=created_by,
+                rotated_from=old.id,
+                change_seq=seq,
+                rpm_limit=old.rpm_limit,
+                tpm_limit=old.tpm_limit,
+                max_concurrency=old.max_concurrency,
+            )
+            self._commit(session, f"key '{old.name}'")
+            old.revoked_at = now
+            old.revoked_reason = f"rotated to {created.key.id}"
+            old.change_seq = seq
+            return created
 
     # --- users -----------------------------------------------------------------------------
 
