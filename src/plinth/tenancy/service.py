@@ -67,14 +67,20 @@ class CreatedUser:
 
 
 def _bump(session: Session) -> int:
-    """Advance the change counter inside the caller's transaction and return the new value."""
-    counter = session.get(ChangeCounter, 1, with_for_update=True)
-    if counter is None:
-        counter = ChangeCounter(id=1, seq=0)
-        session.add(counter)
-    counter.seq += 1
-    session.flush()
-    return counter.seq
+    """Advance the change counter inside the caller's transaction and return the new value.
+
+    The UPDATE comes first so that the write lock is taken before the value is read: two writers
+    can never hand out the same number (on SQLite a read-then-write would not lock)."""
+    bumped = session.execute(
+        update(ChangeCounter).where(ChangeCounter.id == 1).values(seq=ChangeCounter.seq + 1)
+    )
+    if getattr(bumped, "rowcount", 0) == 0:  # the very first change on this database
+        session.add(ChangeCounter(id=1, seq=1))
+        session.flush()
+        return 1
+    seq = session.scalar(select(ChangeCounter.seq).where(ChangeCounter.id == 1))
+    assert seq is not None
+    return seq
 
 
 def _get(session: Session, model: type[M], ident: str, what: str) -> M:
