@@ -15,14 +15,13 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from plinth.budgets.models import Budget, BudgetEvent, BudgetPeriod, BudgetScope
 from plinth.budgets.periods import Window, window
 from plinth.metering.models import UsageRecord
 from plinth.storage import Database, utcnow
-from plinth.tenancy.models import ApiKey, ChangeCounter, Organization, Team
-from plinth.tenancy.service import NotFound, TenancyError
+from plinth.tenancy.models import ApiKey, Organization, Team
+from plinth.tenancy.service import NotFound, TenancyError, bump_change_counter, current_change_seq
 
 _SCOPE_TABLES: dict[str, type[ApiKey] | type[Team] | type[Organization]] = {
     BudgetScope.KEY: ApiKey,
@@ -61,16 +60,6 @@ class BudgetStatus:
     @property
     def remaining_usd(self) -> float:
         return max(0.0, self.budget.limit_usd - self.spent_usd)
-
-
-def _bump(session: Session) -> None:
-    """Advance the tenancy change counter (the same one keys use) inside this transaction."""
-    counter = session.get(ChangeCounter, 1, with_for_update=True)
-    if counter is None:
-        counter = ChangeCounter(id=1, seq=0)
-        session.add(counter)
-    counter.seq += 1
-    session.flush()
 
 
 def _check_amount(value: float, what: str) -> float:
@@ -118,7 +107,7 @@ class BudgetService:
             budget.limit_usd = limit_usd
             budget.soft_limit_usd = soft_limit_usd
             budget.updated_at = utcnow()
-            _bump(session)
+            bump_change_counter(session)
             return budget
 
     def get_budget(self, budget_id: str) -> Budget:
@@ -143,7 +132,7 @@ class BudgetService:
             if budget is None:
                 raise NotFound(f"budget '{budget_id}' does not exist")
             session.delete(budget)
-            _bump(session)
+            bump_change_counter(session)
 
     def status(self, budget_id: str, now: float | None = None) -> BudgetStatus:
         """The budget and its current period's spend (written usage records only)."""
@@ -202,6 +191,4 @@ class BudgetService:
             return list(session.scalars(query))
 
     def current_seq(self) -> int:
-        with self.db.session() as session:
-            counter = session.get(ChangeCounter, 1)
-            return counter.seq if counter is not None else 0
+        return current_change_seq(self.db)

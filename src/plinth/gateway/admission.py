@@ -9,7 +9,7 @@ settles every hold exactly once, whatever the outcome (success, upstream error, 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from plinth.providers.types import Usage
@@ -40,7 +40,6 @@ class Outcome:
     usage: Usage | None = None
     deployment: str | None = None
     cache_hit: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 class Hold(Protocol):

@@ -61,7 +61,3 @@ class GatewayError(Exception):
 
     def openai_body(self) -> dict[str, object]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> GatewayError:
-    return GatewayError(400, message, param=param, code=code)

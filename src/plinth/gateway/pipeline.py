@@ -231,13 +231,6 @@ class Gateway:
         return route
 
 
-def record_usage(meters: metrics.RequestMeters, usage: Usage) -> None:
-    meters.input_tokens.inc(usage.input_tokens)
-    meters.output_tokens.inc(usage.output_tokens)
-    if usage.cached_input_tokens:
-        meters.cached_input_tokens.inc(usage.cached_input_tokens)
-
-
 def meter_request(
     gateway: Gateway,
     ctx: RequestContext,
@@ -247,9 +240,16 @@ def meter_request(
     *,
     cache_hit: bool = False,
 ) -> None:
-    """Settle the admission holds and queue the usage record, once per request that reached routing.
+    """Count the tokens, settle the admission holds and queue the usage record: the one place a
+    request's outcome is accounted for, called once per request that reached routing.
 
-    O(1) on the hot path: holds settle in memory and the recorder only appends."""
+    O(1) on the hot path: counters and holds settle in memory and the recorder only appends."""
+    if usage is not None:
+        meters = metrics.request_meters(endpoint.route, ctx.model_label)
+        meters.input_tokens.inc(usage.input_tokens)
+        meters.output_tokens.inc(usage.output_tokens)
+        if usage.cached_input_tokens:
+            meters.cached_input_tokens.inc(usage.cached_input_tokens)
     if ctx.holds:
         holds, ctx.holds = ctx.holds, []
         settle(holds, Outcome(status, usage, ctx.attempt.deployment, cache_hit))
@@ -327,7 +327,6 @@ async def handle_chat(gateway: Gateway, request: Request, protocol: ChatProtocol
         meter_request(gateway, ctx, endpoint, err.status, None)
         return error_response(err, ctx, endpoint)
     # 7. Meter, settle and answer.
-    record_usage(metrics.request_meters(endpoint.route, ctx.model_label), answer.usage)
     meter_request(gateway, ctx, endpoint, 200, answer.usage)
     body = orjson.dumps(protocol.encode(answer, chat.model))
     headers = response_headers(ctx, endpoint)
@@ -372,9 +371,7 @@ async def _stream(
         stream.events = gateway.cache.record(plan, stream, first)  # stored once the stream completed
     _finish_metrics(ctx, protocol.endpoint, 200)
     meter = _StreamMeter(gateway, ctx, protocol.endpoint)
-    body = _relay(
-        stream, first, encoder, ctx, metrics.request_meters(protocol.endpoint.route, ctx.model_label), meter
-    )
+    body = _relay(stream, first, encoder, ctx, meter)
     # A body the server never iterates (client gone before the first byte) never runs its
     # `finally`; recording on collection keeps "one record per answered request" true even then.
     weakref.finalize(body, meter.finish, 499).atexit = False
@@ -391,7 +388,6 @@ async def _relay(
     first: StreamEvent,
     encoder: StreamEncoder,
     ctx: RequestContext,
-    meters: metrics.RequestMeters,
     meter: _StreamMeter,
 ) -> AsyncIterator[bytes]:
     """Relay upstream events in the caller's protocol; errors after the first byte go in-band.
@@ -402,11 +398,9 @@ async def _relay(
     try:
         yield encoder.start() + encoder.encode(first)
         if isinstance(first, UsageEvent):
-            record_usage(meters, first.usage)
             meter.add(first.usage)
         async for event in stream.events:
             if isinstance(event, UsageEvent):
-                record_usage(meters, event.usage)
                 meter.add(event.usage)
             chunk = encoder.encode(event)
             if chunk:
@@ -443,7 +437,6 @@ async def handle_embeddings(gateway: Gateway, request: Request, endpoint: Endpoi
         err = as_gateway_error(exc)
         meter_request(gateway, ctx, endpoint, err.status, None)
         return error_response(err, ctx, endpoint)
-    record_usage(metrics.request_meters(endpoint.route, ctx.model_label), answer.usage)
     meter_request(gateway, ctx, endpoint, 200, answer.usage)
     body = orjson.dumps(openai_protocol.encode_embedding_response(answer, embed.encoding_format))
     headers = response_headers(ctx, endpoint)

@@ -66,7 +66,7 @@ class CreatedUser:
     token: str  # shown once, never stored
 
 
-def _bump(session: Session) -> int:
+def bump_change_counter(session: Session) -> int:
     """Advance the change counter inside the caller's transaction and return the new value.
 
     The UPDATE comes first so that the write lock is taken before the value is read: two writers
@@ -81,6 +81,13 @@ def _bump(session: Session) -> int:
     seq = session.scalar(select(ChangeCounter.seq).where(ChangeCounter.id == 1))
     assert seq is not None
     return seq
+
+
+def current_change_seq(db: Database) -> int:
+    """The latest change number: caches compare it with what they last loaded."""
+    with db.session() as session:
+        counter = session.get(ChangeCounter, 1)
+        return counter.seq if counter is not None else 0
 
 
 def _get(session: Session, model: type[M], ident: str, what: str) -> M:
@@ -151,7 +158,7 @@ class TenancyService:
             team = _get(session, Team, team_id, "team")
             for attr, value in limits.items():
                 setattr(team, attr, value)
-            seq = _bump(session)
+            seq = bump_change_counter(session)
             session.execute(update(ApiKey).where(ApiKey.team_id == team_id).values(change_seq=seq))
             return team
 
@@ -210,7 +217,7 @@ class TenancyService:
                 extra=metadata,
                 created_by=created_by,
                 rotated_from=rotated_from,
-                change_seq=_bump(session),
+                change_seq=bump_change_counter(session),
                 **limits,
             )
             self._commit(session, f"key '{name}'")
@@ -257,7 +264,7 @@ class TenancyService:
             key = _get(session, ApiKey, key_id, "key")
             for attr, value in limits.items():
                 setattr(key, attr, value)
-            key.change_seq = _bump(session)
+            key.change_seq = bump_change_counter(session)
             return key
 
     def revoke_key(self, key_id: str, reason: str | None = None) -> ApiKey:
@@ -266,7 +273,7 @@ class TenancyService:
             if key.revoked_at is None:
                 key.revoked_at = utcnow()
                 key.revoked_reason = reason
-                key.change_seq = _bump(session)
+                key.change_seq = bump_change_counter(session)
             return key
 
     def rotate_key(self, key_id: str, *, created_by: str | None = None) -> CreatedKey:
@@ -276,7 +283,7 @@ class TenancyService:
         with self.db.session() as session:
             # Write first, read after: the counter update takes the write lock (SQLite) or the row
             # lock (PostgreSQL), so the old key is read after any concurrent rotation committed.
-            seq = _bump(session)
+            seq = bump_change_counter(session)
             old = session.get(ApiKey, key_id, with_for_update=True)
             if old is None:
                 raise NotFound(f"key '{key_id}' does not exist")
@@ -327,7 +334,7 @@ class TenancyService:
                 team_id=team_id,
                 token_prefix=prefix,
                 token_hash=key_digest(token),
-                change_seq=_bump(session),
+                change_seq=bump_change_counter(session),
             )
             session.add(user)
             self._commit(session, f"user '{email}'")
@@ -345,9 +352,7 @@ class TenancyService:
     # --- change feed for caches ------------------------------------------------------------
 
     def current_seq(self) -> int:
-        with self.db.session() as session:
-            counter = session.get(ChangeCounter, 1)
-            return counter.seq if counter is not None else 0
+        return current_change_seq(self.db)
 
     def keys_changed_since(self, seq: int) -> list[tuple[ApiKey, Team]]:
         """Keys written after `seq`, each with its team (organization id, name and limits)."""
@@ -359,11 +364,6 @@ class TenancyService:
                 .order_by(ApiKey.change_seq)
             )
             return [(key, team) for key, team in rows]
-
-    def touch_all_keys(self) -> None:
-        """Mark every key changed (used after bulk edits done outside this service)."""
-        with self.db.session() as session:
-            session.execute(update(ApiKey).values(change_seq=_bump(session)))
 
 
 def _limits(rpm: int | None, tpm: int | None, concurrency: int | None) -> dict[str, int | None]:
