@@ -98,11 +98,12 @@ def test_key_store_follows_changes_incrementally(service: TenancyService) -> Non
 
 def test_expired_keys_stop_working_without_a_database_change(service: TenancyService) -> None:
     team = service.create_team(service.create_org("o").id, "t")
-    created = service.create_key(team.id, "short", expires_at=utcnow() + dt.timedelta(seconds=1))
+    expires_at = utcnow() + dt.timedelta(seconds=3)  # room for a slow database under load
+    created = service.create_key(team.id, "short", expires_at=expires_at)
     store = DatabaseKeyStore(service)
     store.refresh()
     assert store.authenticate(created.secret) is not None
-    time.sleep(1.2)
+    time.sleep(max(0.0, (expires_at - utcnow()).total_seconds()) + 0.2)
     assert store.authenticate(created.secret) is None
 
 

@@ -89,6 +89,7 @@ class UsageRecorder:
         self.retry_max_s = retry_max_s
         self._buffer: deque[PendingUsage] = deque()
         self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failing = False
         self.written = 0
@@ -133,16 +134,17 @@ class UsageRecorder:
         """Start the flush task on the running loop (the application's lifespan)."""
         if self._task is None:
             self._wake = asyncio.Event()  # bound to this loop
+            self._stop = asyncio.Event()
             self._task = asyncio.create_task(self._run(), name="plinth-usage-recorder")
 
     async def _run(self) -> None:
         delay = self.interval_s
-        while True:
-            if self._failing:
-                await asyncio.sleep(delay)  # back off: a full buffer must not hammer a sick database
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+        while not self._stop.is_set():
+            # Back off while failing: a full buffer must not hammer a sick database.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for((self._stop if self._failing else self._wake).wait(), delay)
+            if self._stop.is_set():
+                return  # aclose writes what is left
             self._wake.clear()
             delay = self.interval_s if await self.flush() else min(self.retry_max_s, delay * 2)
 
@@ -166,9 +168,12 @@ class UsageRecorder:
     async def aclose(self, timeout_s: float = 10.0) -> None:
         """Stop the task and write everything left (graceful shutdown); retry briefly if need be."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Not cancel(): a batch being written in a worker thread would go on being written
+            # after we return (racing the final flush and the database's disposal), or be lost
+            # unnoticed if it failed. The task finishes its current batch and stops.
+            self._stop.set()
+            self._wake.set()
+            await self._task
             self._task = None
         deadline = time.monotonic() + timeout_s
         delay = 0.1

@@ -8,7 +8,7 @@ revoked key stops working on every worker and replica within one poll interval.
 from __future__ import annotations
 
 import asyncio
-import calendar
+import datetime as dt
 import hashlib
 import hmac
 import logging
@@ -96,7 +96,8 @@ class StaticKeyStore:
 
 
 def principal_for(key: ApiKey, team: Team) -> Principal:
-    expires = calendar.timegm(key.expires_at.timetuple()) if key.expires_at is not None else None
+    # Stored naive in UTC; keep the microseconds (timetuple() would drop them: up to 1 s early).
+    expires = key.expires_at.replace(tzinfo=dt.UTC).timestamp() if key.expires_at is not None else None
     return Principal(
         name=key.name,
         allowed_models=frozenset(key.allowed_models) if key.allowed_models is not None else None,
