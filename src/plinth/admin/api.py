@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -105,14 +105,28 @@ def _validation_error(exc: ValidationError, where: str) -> GatewayError:
     return GatewayError(400, text, param=loc or None, code="invalid_value")
 
 
+class AdminExtension(Protocol):
+    """A later part of the product (governance, knowledge bases, ...) adding its own operations.
+
+    Its operations share the route table, so authentication, permission checks, error shapes and the
+    OpenAPI document work for them exactly as for the built-in ones.
+    """
+
+    def operations(self) -> list[Operation]: ...
+
+
 class AdminApi:
     """The handlers, bound to one tenancy service and the gateway's key store."""
 
-    def __init__(self, tenancy: TenancyService, keys: KeyStore) -> None:
+    def __init__(
+        self, tenancy: TenancyService, keys: KeyStore, extensions: Sequence[AdminExtension] = ()
+    ) -> None:
         self.tenancy = tenancy
         self.budgets = BudgetService(tenancy.db)
         self.keys = keys
         self.operations = self._operations()
+        for extension in extensions:
+            self.operations.extend(extension.operations())
         self._openapi: bytes | None = None
 
     # --- authentication --------------------------------------------------------------------
@@ -592,9 +606,9 @@ async def _read_json(request: Request, *, optional: bool) -> Any:
         raise GatewayError(400, f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
 
 
-def admin_routes(tenancy: TenancyService, keys: KeyStore) -> Mount:
+def admin_routes(tenancy: TenancyService, keys: KeyStore, extensions: Sequence[AdminExtension] = ()) -> Mount:
     """The `/api` mount for `create_app`."""
-    return Mount(PREFIX, routes=AdminApi(tenancy, keys).routes())
+    return Mount(PREFIX, routes=AdminApi(tenancy, keys, extensions).routes())
 
 
-__all__ = ["AdminApi", "Operation", "admin_routes"]
+__all__ = ["AdminApi", "AdminExtension", "Call", "Operation", "admin_routes"]

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from plinth.admin.api import admin_routes
+from plinth.admin.api import AdminExtension, admin_routes
 from plinth.budgets import create_budgets
 from plinth.cache import build_cache
 from plinth.config import PlinthConfig, load_config
@@ -236,6 +236,9 @@ def create_app(settings: AppSettings) -> Starlette:
                 await cache.aclose()  # finish queued cache writes
             database.dispose()
 
+    # Later parts of the product (governance, knowledge bases, ...) add their admin operations here.
+    admin_extensions: list[AdminExtension] = []
+
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/chat/completions", chat_completions, methods=["POST"]),
@@ -246,7 +249,7 @@ def create_app(settings: AppSettings) -> Starlette:
         Route("/models", list_models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        admin_routes(tenancy, keys),
+        admin_routes(tenancy, keys, admin_extensions),
     ]
     if config.server.metrics:
         routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
