@@ -31,6 +31,7 @@ from plinth.gateway.errors import GatewayError
 from plinth.limits import (
     NO_HOLD,
     Backend,
+    Grant,
     InProcessBackend,
     LimitHold,
     RateLimiter,
@@ -87,95 +88,136 @@ async def settled(backend: Backend) -> None:
 # --- the algorithms -------------------------------------------------------------------------------
 
 
-def test_sliding_window_is_exact() -> None:
+def granted(result: Grant | Refusal) -> Grant:
+    assert isinstance(result, Grant), result
+    return result
+
+
+def refused(result: Grant | Refusal) -> Refusal:
+    assert isinstance(result, Refusal), result
+    return result
+
+
+def test_sliding_window_counts_each_request_for_60_to_61_seconds() -> None:
     clock = FakeClock()
     backend = InProcessBackend(clock=clock)
     scope = [Scope("k:a", "key 'a'", rpm=3)]
-    for at in (0, 10, 20):
+    for at in (0.5, 10, 20):
         clock.now = 1000 + at
-        assert backend.acquire_now(f"l{at}", scope, 0) is None
+        granted(backend.acquire_now(f"l{at}", scope, 0))
     clock.now = 1030
-    refusal = backend.acquire_now("x", scope, 0)
-    assert refusal is not None and refusal.kind == "requests"
-    assert refusal.retry_after_s == pytest.approx(30)  # the first request leaves the window at 1060
-    assert refusal.requests_used == 3 and refusal.requests_reset_s == pytest.approx(50)
-    clock.now = 1059.999
-    assert backend.acquire_now("x", scope, 0) is not None  # no fixed-window reset at a boundary
-    clock.now = 1060
-    assert backend.acquire_now("y", scope, 0) is None
+    refusal = refused(backend.acquire_now("x", scope, 0))
+    assert refusal.kind == "requests"
+    # The first request (second 1000) leaves the window when second 1061 begins.
+    assert refusal.retry_after_s == pytest.approx(31)
+    assert refusal.requests_used == 3 and refusal.requests_reset_s == pytest.approx(51)
+    clock.now = 1060.5
+    refused(backend.acquire_now("x", scope, 0))  # 60 s after the first: still counted, no reset
+    clock.now = 1060.999
+    refused(backend.acquire_now("x", scope, 0))
     clock.now = 1061
-    refusal = backend.acquire_now("z", scope, 0)
-    assert refusal is not None and refusal.retry_after_s == pytest.approx(9)
+    grant = granted(backend.acquire_now("y", scope, 0))
+    assert grant.used == ((3, 0),) and grant.reset_s == pytest.approx(61)
+    clock.now = 1061.5
+    refusal = refused(backend.acquire_now("z", scope, 0))
+    assert refusal.retry_after_s == pytest.approx(9.5)  # the second request (second 1010) leaves at 1071
+
+
+def test_state_per_scope_does_not_grow_with_traffic() -> None:
+    clock = FakeClock()
+    backend = InProcessBackend(clock=clock)
+    scope = [Scope("k:a", "key 'a'", rpm=10**9, tpm=10**12)]
+    for i in range(100_000):  # 1,000 requests a second for 100 seconds
+        clock.now = 1000 + i / 1000
+        grant = granted(backend.acquire_now("l", scope, 10))
+        backend.release("l", scope, 10, grant.second, 7)
+    counters = backend._scopes["k:a"]
+    assert len(counters.requests.counts) <= 61 and len(counters.tokens.counts) <= 61
+    assert counters.requests.total == 61_000  # seconds 1039..1099, 1,000 each
+    assert counters.tokens.total == 7 * counters.requests.total
 
 
 async def test_requests_per_minute_exact_under_concurrency(make_backend: Callable[..., Backend]) -> None:
-    backend = make_backend(window_s=1.0)
+    backend = make_backend(window_s=1)
     scope = [Scope(uid("k"), "key 'a'", rpm=25)]
     results = await asyncio.gather(*(backend.acquire(uid("l"), scope, 0) for _ in range(200)))
-    assert sum(r is None for r in results) == 25
-    refusal = next(r for r in results if r is not None)
-    assert refusal.kind == "requests" and 0 < refusal.retry_after_s <= 1.0
-    await asyncio.sleep(1.05)  # the window slid past every entry
-    assert await backend.acquire(uid("l"), scope, 0) is None
+    assert sum(isinstance(r, Grant) for r in results) == 25
+    refusal = next(r for r in results if isinstance(r, Refusal))
+    assert refusal.kind == "requests" and 1.0 < refusal.retry_after_s <= 2.0
+    await asyncio.sleep(refusal.retry_after_s + 0.05)  # the window slid past every entry
+    granted(await backend.acquire(uid("l"), scope, 0))
 
 
 async def test_tokens_reserved_then_corrected(make_backend: Callable[..., Backend]) -> None:
     backend = make_backend()
     scope = [Scope(uid("k"), "key 'a'", tpm=1000)]
-    assert await backend.acquire("a", scope, 600) is None
-    refusal = await backend.acquire("b", scope, 600)
-    assert refusal is not None and refusal.kind == "tokens" and refusal.tokens_used == 600
-    backend.release("a", scope, 100)  # the answer used far less than reserved
+    a = granted(await backend.acquire("a", scope, 600))
+    assert a.used == ((0, 600),)
+    refusal = refused(await backend.acquire("b", scope, 600))
+    assert refusal.kind == "tokens" and refusal.tokens_used == 600
+    backend.release("a", scope, 600, a.second, 100)  # the answer used far less than reserved
     await settled(backend)
-    assert await backend.acquire("b", scope, 600) is None  # 100 + 600
-    assert await backend.acquire("c", scope, 300) is None  # 100 + 600 + 300
-    refusal = await backend.acquire("d", scope, 1)
-    assert refusal is not None and refusal.tokens_used == 1000
-    backend.release("c", scope, 0)  # failed without usage: the reservation is dropped
-    backend.release("b", scope, 0)
+    b = granted(await backend.acquire("b", scope, 600))  # 100 + 600
+    c = granted(await backend.acquire("c", scope, 300))  # 100 + 600 + 300
+    assert c.used == ((0, 1000),)
+    refusal = refused(await backend.acquire("d", scope, 1))
+    assert refusal.tokens_used == 1000
+    backend.release("c", scope, 300, c.second, 0)  # failed without usage: the reservation is dropped
+    backend.release("b", scope, 600, b.second, 0)
     await settled(backend)
-    assert await backend.acquire("d", scope, 900) is None
-    too_big = await backend.acquire("e", scope, 1001)
-    assert too_big is not None and too_big.kind == "too_large"
+    granted(await backend.acquire("d", scope, 900))
+    too_big = refused(await backend.acquire("e", scope, 1001))
+    assert too_big.kind == "too_large"
 
 
 def test_tokens_expire_with_the_window() -> None:
     clock = FakeClock()
     backend = InProcessBackend(clock=clock)
     scope = [Scope("k:a", "key 'a'", tpm=1000)]
-    assert backend.acquire_now("a", scope, 700) is None
+    a = granted(backend.acquire_now("a", scope, 700))
     clock.now += 20
-    assert backend.acquire_now("b", scope, 200) is None
-    refusal = backend.acquire_now("c", scope, 500)
-    assert refusal is not None and refusal.retry_after_s == pytest.approx(40)  # when "a" leaves
+    granted(backend.acquire_now("b", scope, 200))
+    refusal = refused(backend.acquire_now("c", scope, 500))
+    assert refusal.retry_after_s == pytest.approx(41)  # when "a" (second 1000) leaves
     clock.now += 20
-    backend.release("a", scope, 300)  # settles now: its 300 tokens count from now on
-    assert backend.acquire_now("c", scope, 500) is None  # 300 + 200 + 500
-    clock.now += 41  # "b" (at +20) left the window, "a" (settled at +40) has not
-    refusal = backend.acquire_now("d", scope, 600)
-    assert refusal is not None and refusal.tokens_used == 800
+    backend.release("a", scope, 700, a.second, 300)  # settles now: its 300 tokens count from now on
+    granted(backend.acquire_now("c", scope, 500))  # 300 + 200 + 500
+    clock.now += 42  # "b" (second 1020) left the window, "a" (settled in second 1040) has not
+    refusal = refused(backend.acquire_now("d", scope, 600))
+    assert refusal.tokens_used == 800
+
+
+def test_settling_after_the_reservation_left_the_window_takes_nothing_back() -> None:
+    clock = FakeClock()
+    backend = InProcessBackend(clock=clock)
+    scope = [Scope("k:a", "key 'a'", tpm=1000)]
+    a = granted(backend.acquire_now("a", scope, 700))
+    clock.now += 90  # a very long stream: its reservation already left the window
+    granted(backend.acquire_now("b", scope, 500))
+    backend.release("a", scope, 700, a.second, 400)
+    refusal = refused(backend.acquire_now("c", scope, 200))
+    assert refusal.tokens_used == 900  # "b"'s 500 reserved and "a"'s 400 used, nothing subtracted
 
 
 async def test_concurrency_leases(make_backend: Callable[..., Backend]) -> None:
     backend = make_backend()
     scope = [Scope(uid("m"), "model 'm'", max_concurrency=2)]
-    assert await backend.acquire("a", scope, 0) is None
-    assert await backend.acquire("b", scope, 0) is None
-    refusal = await backend.acquire("c", scope, 0)
-    assert refusal is not None and refusal.kind == "concurrency"
-    backend.release("a", scope, 0)
+    a = granted(await backend.acquire("a", scope, 0))
+    granted(await backend.acquire("b", scope, 0))
+    assert refused(await backend.acquire("c", scope, 0)).kind == "concurrency"
+    backend.release("a", scope, 0, a.second, 0)
     await settled(backend)
-    assert await backend.acquire("c", scope, 0) is None
-    assert await backend.acquire("d", scope, 0) is not None
+    granted(await backend.acquire("c", scope, 0))
+    refused(await backend.acquire("d", scope, 0))
 
 
 async def test_leaked_leases_expire(make_backend: Callable[..., Backend]) -> None:
     backend = make_backend(lease_s=0.3)
     scope = [Scope(uid("k"), "key 'a'", max_concurrency=1)]
-    assert await backend.acquire("crashed", scope, 0) is None  # never released: its process died
-    assert await backend.acquire("b", scope, 0) is not None
+    granted(await backend.acquire("crashed", scope, 0))  # never released: its process died
+    refused(await backend.acquire("b", scope, 0))
     await asyncio.sleep(0.35)
-    assert await backend.acquire("b", scope, 0) is None
+    granted(await backend.acquire("b", scope, 0))
 
 
 async def test_running_requests_keep_their_slots_dropped_holds_do_not(
@@ -199,23 +241,25 @@ async def test_all_or_nothing_across_scopes(make_backend: Callable[..., Backend]
     backend = make_backend()
     key = Scope(uid("k"), "key 'ci'", rpm=2, tpm=10_000, max_concurrency=5)
     team = Scope(uid("t"), "team 'payments'", rpm=1)
-    assert await backend.acquire("a", [key, team], 100) is None
-    refusal = await backend.acquire("b", [key, team], 100)
+    a = granted(await backend.acquire("a", [key, team], 100))
+    assert a.used == ((1, 100), (1, 0))
+    refusal = refused(await backend.acquire("b", [key, team], 100))
     assert refusal == Refusal(1, "requests", refusal.retry_after_s, 1, refusal.requests_reset_s, 0, 0.0)
     # The refused request left no trace in the key's scope: one request, 100 tokens, one lease.
-    assert await backend.acquire("c", [key], 9_900) is None
-    assert await backend.acquire("d", [key], 0) is not None
-    for lease in ("a", "c"):
-        backend.release(lease, [key], 0)
+    c = granted(await backend.acquire("c", [key], 9_900))
+    assert c.used == ((2, 10_000),)
+    refused(await backend.acquire("d", [key], 0))
+    backend.release("a", [key], 100, a.second, 0)
+    backend.release("c", [key], 9_900, c.second, 0)
     await settled(backend)
-    assert (await backend.acquire("e", [key], 0) or Refusal(0, "requests", 0)).kind == "requests"
+    assert refused(await backend.acquire("e", [key], 0)).kind == "requests"
 
 
 # --- the admission step ----------------------------------------------------------------------
 
 
 class ExplodingBackend(InProcessBackend):
-    async def acquire(self, lease: str, scopes: Sequence[Scope], tokens: int) -> Refusal | None:
+    async def acquire(self, lease: str, scopes: Sequence[Scope], tokens: int) -> Grant | Refusal:
         raise AssertionError("a request without limits must not reach the backend")
 
 
@@ -282,19 +326,44 @@ async def test_tokens_reservation_and_settle_through_the_limiter() -> None:
 
 
 async def test_refusal_headers_for_requests() -> None:
-    limiter = RateLimiter(InProcessBackend())
+    clock = FakeClock()
+    clock.now = 1000.25
+    limiter = RateLimiter(InProcessBackend(clock=clock))
     call = make_call(key_limits=RateLimits(rpm=2, tpm=5000))
     await limiter.admit(call)
     await limiter.admit(call)
-    with pytest.raises(GatewayError) as refused:
+    with pytest.raises(GatewayError) as refusal:
         await limiter.admit(call)
-    err = refused.value
+    err = refusal.value
     assert err.message.startswith("Rate limit reached for key 'ci': 2 requests per minute.")
-    assert err.retry_after == 60
+    assert err.retry_after == 61  # 60.75 s, rounded up
     assert err.headers["x-ratelimit-limit-requests"] == "2"
     assert err.headers["x-ratelimit-remaining-requests"] == "0"
-    assert err.headers["x-ratelimit-reset-requests"] in ("1m0s", "59.999s", "59.998s", "59.997s")
+    assert err.headers["x-ratelimit-reset-requests"] == "1m0.75s"
     assert err.headers["x-ratelimit-remaining-tokens"] == "4700"
+
+
+async def test_admitted_requests_carry_the_tightest_scopes_headers() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(InProcessBackend(clock=clock))
+    call = make_call(
+        key_limits=RateLimits(rpm=10, tpm=100_000),
+        team_limits=RateLimits(rpm=1000, tpm=1000),
+        input_tokens=200,
+        max_output=100,
+    )
+    hold = await limiter.admit(call)
+    assert dict(hold.headers) == {
+        "x-ratelimit-limit-requests": "10",  # the key's 10/min is tighter than the team's 1000
+        "x-ratelimit-remaining-requests": "9",
+        "x-ratelimit-reset-requests": "1m1s",
+        "x-ratelimit-limit-tokens": "1000",  # the team's 1000 tokens/min is tighter than the key's
+        "x-ratelimit-remaining-tokens": "700",
+        "x-ratelimit-reset-tokens": "1m1s",
+    }
+    only_rpm = await limiter.admit(make_call(key_limits=RateLimits(rpm=5), key_id="key_2"))
+    assert only_rpm.headers["x-ratelimit-remaining-requests"] == "4"
+    assert "x-ratelimit-limit-tokens" not in only_rpm.headers
 
 
 def test_service_validates_limits(tmp_path: Path) -> None:
@@ -330,14 +399,19 @@ async def test_429_in_openai_and_anthropic_shapes(
     gw = gateway_factory(limited_config(openai_upstream, rpm=2, tpm=100_000))
     chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
     async with httpx.AsyncClient(base_url=gw.url, headers={"authorization": f"Bearer {USER}"}) as http:
-        assert (await http.post("/v1/chat/completions", json=chat)).status_code == 200
-        assert (await http.post("/v1/chat/completions", json=chat)).status_code == 200
+        first = await http.post("/v1/chat/completions", json=chat)
+        assert first.status_code == 200
+        assert first.headers["x-ratelimit-limit-requests"] == "2"  # on success too, like OpenAI's
+        assert first.headers["x-ratelimit-remaining-requests"] == "1"
+        assert 100_000 - 20 - 50 < int(first.headers["x-ratelimit-remaining-tokens"]) < 100_000 - 20
+        streamed = await http.post("/v1/chat/completions", json={**chat, "stream": True})
+        assert streamed.status_code == 200 and streamed.headers["x-ratelimit-remaining-requests"] == "0"
         reply = await http.post("/v1/chat/completions", json=chat)
         assert reply.status_code == 429
         error = reply.json()["error"]
         assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
         assert "model 'gpt-4o-mini': 2 requests per minute" in error["message"]
-        assert 55 <= int(reply.headers["retry-after"]) <= 60
+        assert 55 <= int(reply.headers["retry-after"]) <= 61
         assert reply.headers["x-ratelimit-limit-requests"] == "2"
         assert reply.headers["x-ratelimit-remaining-requests"] == "0"
         assert reply.headers["x-ratelimit-reset-requests"].endswith("s")

@@ -17,8 +17,9 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from prometheus_client import Counter
 
@@ -53,6 +54,8 @@ _PERIOD_WORDS = {"day": "daily", "month": "monthly"}
 
 class _NoHold:
     __slots__ = ()
+
+    headers: Mapping[str, str] = MappingProxyType({})
 
     def settle(self, outcome: Outcome) -> None:
         return None
@@ -276,6 +279,8 @@ class BudgetHold:
     """Settles one admitted request: its reservation is replaced by its real cost."""
 
     __slots__ = ("_admission", "_call", "_checks", "amount", "done")
+
+    headers: Mapping[str, str] = MappingProxyType({})
 
     def __init__(self, admission: BudgetAdmission, call: Call, checks: list[Check], amount: int) -> None:
         self._admission = admission

@@ -9,6 +9,7 @@ settles every hold exactly once, whatever the outcome (success, upstream error, 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +44,10 @@ class Outcome:
 
 
 class Hold(Protocol):
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Response headers the step adds to an admitted request (x-ratelimit-*); often empty."""
+
     def settle(self, outcome: Outcome) -> None:
         """Called once when the request is over. Must be cheap and must not raise."""
 

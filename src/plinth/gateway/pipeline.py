@@ -82,6 +82,8 @@ class RequestContext:
     metered_model: str | None = None
     # What admission steps reserved for this request; settled once with the outcome.
     holds: list[Hold] = field(default_factory=list)
+    # Headers admission steps add to the answer (x-ratelimit-*), kept after the holds are settled.
+    admission_headers: dict[str, str] | None = None
 
     def overhead_ms(self) -> float:
         return max(0.0, (time.perf_counter() - self.started - self.attempt.upstream_s) * 1000)
@@ -99,6 +101,8 @@ def response_headers(ctx: RequestContext, endpoint: Endpoint) -> dict[str, str]:
     headers["x-plinth-overhead-ms"] = f"{ctx.overhead_ms():.3f}"
     if ctx.attempt.deployment is not None:
         headers["x-plinth-deployment"] = ctx.attempt.deployment
+    if ctx.admission_headers:
+        headers.update(ctx.admission_headers)
     return headers
 
 
@@ -156,6 +160,9 @@ class Gateway:
             stream=chat.stream if chat is not None else False,
         )
         ctx.holds = await self.admissions.admit(call)
+        for hold in ctx.holds:
+            if hold.headers:
+                ctx.admission_headers = {**(ctx.admission_headers or {}), **hold.headers}
         return ctx.holds
 
     def authenticate(self, request: Request, *, allow_x_api_key: bool) -> Principal:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from sqlalchemy import or_, select
 
 from plinth.config.schema import PlinthConfig
-from plinth.limits.base import LEASE_S, WINDOW_S, Backend, Refusal, Scope
-from plinth.limits.limiter import NO_HOLD, LimitHold, RateLimiter, rate_limit_error
+from plinth.limits.base import LEASE_S, WINDOW_S, Backend, Grant, Refusal, Scope
+from plinth.limits.limiter import NO_HOLD, CountedHold, LimitHold, RateLimiter, rate_limit_error
 from plinth.limits.memory import InProcessBackend
 from plinth.limits.redis_backend import RedisBackend
 from plinth.storage import Database
@@ -20,6 +20,8 @@ __all__ = [
     "NO_HOLD",
     "WINDOW_S",
     "Backend",
+    "CountedHold",
+    "Grant",
     "InProcessBackend",
     "LimitHold",
     "RateLimiter",

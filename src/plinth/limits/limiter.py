@@ -15,22 +15,28 @@ import logging
 import math
 import secrets
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 from plinth.config.schema import LimitsConfig
 from plinth.gateway.admission import Call, Hold, Outcome
 from plinth.gateway.errors import GatewayError
-from plinth.limits.base import LEASE_S, Backend, Refusal, Scope
+from plinth.limits.base import LEASE_S, Backend, Grant, Refusal, Scope
 
 log = logging.getLogger("plinth.limits")
 
 DEFAULT_MAX_OUTPUT_TOKENS = 1024  # reserved when neither the request nor the model config says
 
 
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
 class _NoHold:
     """The hold of a request no limit applies to: nothing to settle."""
 
     __slots__ = ()
+
+    headers = _NO_HEADERS
 
     def settle(self, outcome: Outcome) -> None:
         return None
@@ -39,16 +45,38 @@ class _NoHold:
 NO_HOLD = _NoHold()
 
 
+class CountedHold:
+    """A request counted against requests/min only: nothing to give back, headers to show."""
+
+    __slots__ = ("headers",)
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
+
+    def settle(self, outcome: Outcome) -> None:
+        return None
+
+
 class LimitHold:
     """What one admitted request holds: a token reservation and/or concurrency slots."""
 
-    __slots__ = ("__weakref__", "done", "lease", "limiter", "scopes", "tokens")
+    __slots__ = ("__weakref__", "done", "headers", "lease", "limiter", "scopes", "second", "tokens")
 
-    def __init__(self, limiter: RateLimiter, lease: str, scopes: Sequence[Scope], tokens: int) -> None:
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        lease: str,
+        scopes: Sequence[Scope],
+        tokens: int,
+        second: int,
+        headers: dict[str, str],
+    ) -> None:
         self.limiter = limiter
         self.lease = lease
         self.scopes = scopes
         self.tokens = tokens
+        self.second = second
+        self.headers = headers
         self.done = False
 
     def settle(self, outcome: Outcome) -> None:
@@ -60,7 +88,7 @@ class LimitHold:
             used = outcome.usage.total_tokens
         try:
             self.limiter.leased.discard(self)
-            self.limiter.backend.release(self.lease, self.scopes, used)
+            self.limiter.backend.release(self.lease, self.scopes, self.tokens, self.second, used)
         except Exception:  # must never raise; what was held expires by itself
             log.exception("limits: releasing %s failed", self.lease)
 
@@ -89,12 +117,13 @@ class RateLimiter:
             return NO_HOLD
         tokens = self._reservation(call, model_limits) if any(s.tpm is not None for s in scopes) else 0
         lease = self._prefix + str(next(self._seq))
-        refusal = await self.backend.acquire(lease, scopes, tokens)
-        if refusal is not None:
-            raise rate_limit_error(refusal, scopes[refusal.index], tokens)
+        grant = await self.backend.acquire(lease, scopes, tokens)
+        if isinstance(grant, Refusal):
+            raise rate_limit_error(grant, scopes[grant.index], tokens)
+        headers = success_headers(grant, scopes)
         if not any(s.tpm is not None or s.max_concurrency is not None for s in scopes):
-            return NO_HOLD  # requests/min only: nothing to give back
-        hold = LimitHold(self, lease, scopes, tokens)
+            return CountedHold(headers)  # requests/min only: nothing to give back
+        hold = LimitHold(self, lease, scopes, tokens, grant.second, headers)
         if any(s.max_concurrency is not None for s in scopes):
             self.leased.add(hold)
             if self._renewer is None or self._renewer.done():
@@ -176,6 +205,25 @@ def _duration(seconds: float) -> str:
     minutes, rest = divmod(ms, 60_000)
     text = f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
     return f"{minutes}m{text}" if minutes else text
+
+
+def success_headers(grant: Grant, scopes: Sequence[Scope]) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers on an admitted request: the tightest scope per counter."""
+    headers: dict[str, str] = {}
+    requests = [(s.rpm - used[0], s.rpm) for s, used in zip(scopes, grant.used, strict=True) if s.rpm]
+    tokens = [(s.tpm - used[1], s.tpm) for s, used in zip(scopes, grant.used, strict=True) if s.tpm]
+    reset = _duration(grant.reset_s)
+    if requests:
+        remaining, limit = min(requests)
+        headers["x-ratelimit-limit-requests"] = str(limit)
+        headers["x-ratelimit-remaining-requests"] = str(max(0, remaining))
+        headers["x-ratelimit-reset-requests"] = reset
+    if tokens:
+        remaining, limit = min(tokens)
+        headers["x-ratelimit-limit-tokens"] = str(limit)
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, remaining))
+        headers["x-ratelimit-reset-tokens"] = reset
+    return headers
 
 
 def rate_limit_error(refusal: Refusal, scope: Scope, tokens: int) -> GatewayError:

@@ -5,9 +5,9 @@ counts the request in all its scopes; Redis runs scripts one at a time, so two p
 both take the last slot. Times come from the Redis server's clock, so replicas need not agree on
 theirs. Releases are batched into one pipeline per event-loop turn, off the request path.
 
-Per scope four keys, all under one hash tag so a Redis Cluster keeps them on one shard:
-requests (sorted set: lease -> admission time), tokens (sorted set: lease -> time, and a hash:
-lease -> tokens plus the running sum under "#sum"), leases (sorted set: lease -> expiry).
+Per scope three keys, all under one hash tag so a Redis Cluster keeps them on one shard: requests
+and tokens (hashes of per-second buckets, see `plinth.limits.base`), and leases (sorted set:
+lease -> expiry, bounded by the concurrency limit).
 """
 
 from __future__ import annotations
@@ -23,39 +23,68 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from plinth.limits.base import LEASE_S, WINDOW_S, Refusal, RefusalKind, Scope
+from plinth.limits.base import LEASE_S, WINDOW_S, Grant, Refusal, RefusalKind, Scope
 
 log = logging.getLogger("plinth.limits")
 
 PREFIX = "{plinth:lim}:"
 
+# Buckets live in a hash per scope and counter: field = the second (Redis server time), plus "#n"
+# (the sum over the window) and "#from" (no bucket is older than this second). Purging walks from
+# "#from" to the window's start, so it costs one step per second that passed, not per request.
 _COMMON = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local second = tonumber(t[1])
 local window = tonumber(ARGV[1])
-local cutoff = now - window
+local oldest = second - window
 
-local function purge_tokens(z, h)
-  local old = redis.call('ZRANGEBYSCORE', z, '-inf', cutoff)
-  if #old == 0 then
-    return tonumber(redis.call('HGET', h, '#sum') or '0')
+local function purge(h)
+  local from = tonumber(redis.call('HGET', h, '#from') or '-1')
+  if from < 0 or oldest - from > window then
+    if from >= 0 then redis.call('DEL', h) end
+    redis.call('HSET', h, '#from', oldest, '#n', 0)
+    redis.call('PEXPIRE', h, (window + 2) * 1000)
+    return 0
   end
-  local freed = 0
-  for s = 1, #old, 500 do
-    local chunk = {}
-    for j = s, math.min(s + 499, #old) do chunk[#chunk + 1] = old[j] end
-    local vals = redis.call('HMGET', h, unpack(chunk))
+  if from < oldest then
+    local freed = 0
+    local fields = {}
+    for s = from, oldest - 1 do fields[#fields + 1] = tostring(s) end
+    local vals = redis.call('HMGET', h, unpack(fields))
     for j = 1, #vals do freed = freed + (tonumber(vals[j]) or 0) end
-    redis.call('HDEL', h, unpack(chunk))
+    redis.call('HDEL', h, unpack(fields))
+    redis.call('HSET', h, '#from', oldest)
+    if freed ~= 0 then return redis.call('HINCRBY', h, '#n', -freed) end
   end
-  redis.call('ZREMRANGEBYSCORE', z, '-inf', cutoff)
-  return redis.call('HINCRBY', h, '#sum', -freed)
+  return tonumber(redis.call('HGET', h, '#n') or '0')
+end
+
+-- Seconds (ms) until `excess` of the amount has left the window, oldest buckets first.
+local function free_in(h, excess)
+  local freed = 0
+  for s = oldest, second do
+    freed = freed + (tonumber(redis.call('HGET', h, tostring(s))) or 0)
+    if freed >= excess then return (s + window + 1) * 1000 - now_ms end
+  end
+  return (window + 1) * 1000
+end
+
+-- Milliseconds until every bucket has left the window.
+local function reset_in(h)
+  for s = second, oldest, -1 do
+    if (tonumber(redis.call('HGET', h, tostring(s))) or 0) > 0 then
+      return (s + window + 1) * 1000 - now_ms
+    end
+  end
+  return 0
 end
 """
 
-# KEYS: 4 per scope. ARGV: window ms, lease ms, lease id, tokens, then per scope rpm, tpm, concurrency
-# (0: none). Returns {0} when admitted, else {scope index (1-based), kind, retry ms, requests used,
-# requests reset ms, tokens used, tokens reset ms}.
+# KEYS: 3 per scope (requests, tokens, leases). ARGV: window s, lease ms, lease id, tokens, then per
+# scope rpm, tpm, concurrency (0: none). Returns {0, second, ms until that second leaves the window,
+# then per scope requests used, tokens used} when admitted, else {scope index (1-based), kind,
+# retry ms, requests used, requests reset ms, tokens used, tokens reset ms}.
 ACQUIRE = (
     _COMMON
     + """
@@ -63,107 +92,106 @@ local lease_ms = tonumber(ARGV[2])
 local id = ARGV[3]
 local need = tonumber(ARGV[4])
 local n = (#ARGV - 4) / 3
+local rsum, tsum = {}, {}
 
 local function refuse(i, kind, retry)
-  local k = (i - 1) * 4
+  local k = (i - 1) * 3
   local a = 4 + (i - 1) * 3
   local rused, rreset, tused, treset = 0, 0, 0, 0
   if tonumber(ARGV[a + 1]) > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[k + 1], '-inf', cutoff)
-    rused = redis.call('ZCARD', KEYS[k + 1])
-    local last = redis.call('ZRANGE', KEYS[k + 1], -1, -1, 'WITHSCORES')
-    if #last > 0 then rreset = tonumber(last[2]) + window - now end
+    rused = purge(KEYS[k + 1])
+    rreset = reset_in(KEYS[k + 1])
   end
   if tonumber(ARGV[a + 2]) > 0 then
-    tused = purge_tokens(KEYS[k + 2], KEYS[k + 3])
-    local last = redis.call('ZRANGE', KEYS[k + 2], -1, -1, 'WITHSCORES')
-    if #last > 0 then treset = tonumber(last[2]) + window - now end
+    tused = purge(KEYS[k + 2])
+    treset = reset_in(KEYS[k + 2])
   end
   return {i, kind, math.max(0, retry), rused, rreset, tused, treset}
 end
 
 for i = 1, n do
-  local k = (i - 1) * 4
+  local k = (i - 1) * 3
   local a = 4 + (i - 1) * 3
   local rpm, tpm, conc = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  rsum[i], tsum[i] = 0, 0
   if rpm > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[k + 1], '-inf', cutoff)
-    local used = redis.call('ZCARD', KEYS[k + 1])
-    if used >= rpm then
-      local e = redis.call('ZRANGE', KEYS[k + 1], used - rpm, used - rpm, 'WITHSCORES')
-      return refuse(i, 'requests', tonumber(e[2]) + window - now)
+    rsum[i] = purge(KEYS[k + 1])
+    if rsum[i] >= rpm then
+      return refuse(i, 'requests', free_in(KEYS[k + 1], rsum[i] - rpm + 1))
     end
   end
   if tpm > 0 then
     if need > tpm then return refuse(i, 'too_large', 0) end
-    local sum = purge_tokens(KEYS[k + 2], KEYS[k + 3])
-    if sum + need > tpm then
-      local entries = redis.call('ZRANGE', KEYS[k + 2], 0, -1, 'WITHSCORES')
-      local freed, retry = 0, window
-      for j = 1, #entries, 2 do
-        freed = freed + (tonumber(redis.call('HGET', KEYS[k + 3], entries[j])) or 0)
-        if sum - freed + need <= tpm then
-          retry = tonumber(entries[j + 1]) + window - now
-          break
-        end
-      end
-      return refuse(i, 'tokens', retry)
+    tsum[i] = purge(KEYS[k + 2])
+    if tsum[i] + need > tpm then
+      return refuse(i, 'tokens', free_in(KEYS[k + 2], tsum[i] + need - tpm))
     end
   end
   if conc > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[k + 4], '-inf', now)
-    if redis.call('ZCARD', KEYS[k + 4]) >= conc then return refuse(i, 'concurrency', 1000) end
+    redis.call('ZREMRANGEBYSCORE', KEYS[k + 3], '-inf', now_ms)
+    if redis.call('ZCARD', KEYS[k + 3]) >= conc then return refuse(i, 'concurrency', 1000) end
   end
 end
 
+local reply = {0, second, (second + window + 1) * 1000 - now_ms}
+local ttl = (window + 2) * 1000
 for i = 1, n do
-  local k = (i - 1) * 4
+  local k = (i - 1) * 3
   local a = 4 + (i - 1) * 3
   if tonumber(ARGV[a + 1]) > 0 then
-    redis.call('ZADD', KEYS[k + 1], now, id)
-    redis.call('PEXPIRE', KEYS[k + 1], window + 1000)
+    redis.call('HINCRBY', KEYS[k + 1], second, 1)
+    rsum[i] = redis.call('HINCRBY', KEYS[k + 1], '#n', 1)
+    redis.call('PEXPIRE', KEYS[k + 1], ttl)
   end
   if tonumber(ARGV[a + 2]) > 0 then
-    redis.call('ZADD', KEYS[k + 2], now, id)
-    redis.call('HSET', KEYS[k + 3], id, need)
-    redis.call('HINCRBY', KEYS[k + 3], '#sum', need)
-    redis.call('PEXPIRE', KEYS[k + 2], 2 * window)
-    redis.call('PEXPIRE', KEYS[k + 3], 2 * window)
+    if need > 0 then
+      redis.call('HINCRBY', KEYS[k + 2], second, need)
+      tsum[i] = redis.call('HINCRBY', KEYS[k + 2], '#n', need)
+    end
+    redis.call('PEXPIRE', KEYS[k + 2], ttl)
   end
   if tonumber(ARGV[a + 3]) > 0 then
-    redis.call('ZADD', KEYS[k + 4], now + lease_ms, id)
-    redis.call('PEXPIRE', KEYS[k + 4], 2 * lease_ms)
+    redis.call('ZADD', KEYS[k + 3], now_ms + lease_ms, id)
+    redis.call('PEXPIRE', KEYS[k + 3], 2 * lease_ms)
   end
+  reply[#reply + 1] = rsum[i]
+  reply[#reply + 1] = tsum[i]
 end
-return {0}
+return reply
 """
 )
 
-# KEYS: 4 per scope. ARGV: window ms, lease id, tokens used, then per scope "tpm?" "concurrency?" (1/0).
+# KEYS: 3 per scope. ARGV: window s, lease id, tokens reserved, second reserved in, tokens used, then
+# per scope "tpm?" "concurrency?" (1/0).
 RELEASE = (
     _COMMON
     + """
 local id = ARGV[2]
-local used = tonumber(ARGV[3])
-local n = (#ARGV - 3) / 2
+local reserved = tonumber(ARGV[3])
+local at = tonumber(ARGV[4])
+local used = tonumber(ARGV[5])
+local n = (#ARGV - 5) / 2
 for i = 1, n do
-  local k = (i - 1) * 4
-  if ARGV[3 + (i - 1) * 2 + 1] == '1' then
-    local z, h = KEYS[k + 2], KEYS[k + 3]
-    local old = tonumber(redis.call('HGET', h, id) or '0')
-    if used > 0 then
-      redis.call('ZADD', z, now, id)
-      redis.call('HSET', h, id, used)
-    else
-      redis.call('ZREM', z, id)
-      redis.call('HDEL', h, id)
+  local k = (i - 1) * 3
+  if ARGV[5 + (i - 1) * 2 + 1] == '1' then
+    local h = KEYS[k + 2]
+    purge(h)
+    if reserved > 0 and at >= oldest then
+      local left = tonumber(redis.call('HGET', h, at) or '0')
+      local back = math.min(reserved, left)
+      if back > 0 then
+        redis.call('HINCRBY', h, at, -back)
+        redis.call('HINCRBY', h, '#n', -back)
+      end
     end
-    if used ~= old then redis.call('HINCRBY', h, '#sum', used - old) end
-    redis.call('PEXPIRE', z, 2 * window)
-    redis.call('PEXPIRE', h, 2 * window)
+    if used > 0 then
+      redis.call('HINCRBY', h, second, used)
+      redis.call('HINCRBY', h, '#n', used)
+    end
+    redis.call('PEXPIRE', h, (window + 2) * 1000)
   end
-  if ARGV[3 + (i - 1) * 2 + 2] == '1' then
-    redis.call('ZREM', KEYS[k + 4], id)
+  if ARGV[5 + (i - 1) * 2 + 2] == '1' then
+    redis.call('ZREM', KEYS[k + 3], id)
   end
 end
 return 0
@@ -186,7 +214,7 @@ def _keys(scopes: Sequence[Scope]) -> list[str]:
     keys: list[str] = []
     for scope in scopes:
         base = PREFIX + scope.id
-        keys += (base + ":r", base + ":t", base + ":h", base + ":c")
+        keys += (base + ":r", base + ":t", base + ":c")
     return keys
 
 
@@ -197,7 +225,7 @@ class RedisBackend:
         self,
         url: str,
         *,
-        window_s: float = WINDOW_S,
+        window_s: int = WINDOW_S,
         lease_s: float = LEASE_S,
         timeout_s: float = 1.0,
         max_connections: int = 32,
@@ -215,7 +243,7 @@ class RedisBackend:
             )
             client = aioredis.Redis(connection_pool=pool)
         self.client = client
-        self.window_ms = round(window_s * 1000)
+        self.window = int(window_s)
         self.lease_ms = round(lease_s * 1000)
         self._acquire = self.client.register_script(ACQUIRE)
         self._release = self.client.register_script(RELEASE)
@@ -234,9 +262,9 @@ class RedisBackend:
                 "limits: Redis %s failed (%s: %s); admitting without limits", what, type(exc).__name__, exc
             )
 
-    async def acquire(self, lease: str, scopes: Sequence[Scope], tokens: int) -> Refusal | None:
+    async def acquire(self, lease: str, scopes: Sequence[Scope], tokens: int) -> Grant | Refusal:
         self._loop = self._loop or asyncio.get_running_loop()
-        args: list[Any] = [self.window_ms, self.lease_ms, lease, tokens]
+        args: list[Any] = [self.window, self.lease_ms, lease, tokens]
         for scope in scopes:
             args += (scope.rpm or 0, scope.tpm or 0, scope.max_concurrency or 0)
         try:
@@ -244,17 +272,18 @@ class RedisBackend:
         except (RedisError, OSError) as exc:
             # Fail open: an unreachable Redis must not take the whole gateway down.
             self._warn("admission", exc)
-            return None
+            return Grant(0, 0.0, tuple((0, 0) for _ in scopes))
         if reply[0] == 0:
-            return None
+            used = tuple((int(reply[i]), int(reply[i + 1])) for i in range(3, len(reply), 2))
+            return Grant(int(reply[1]), reply[2] / 1000, used)
         index, kind, retry, r_used, r_reset, t_used, t_reset = reply
         kind_str = cast(RefusalKind, kind.decode() if isinstance(kind, bytes) else str(kind))
         return Refusal(
             int(index) - 1, kind_str, retry / 1000, int(r_used), r_reset / 1000, int(t_used), t_reset / 1000
         )
 
-    def release(self, lease: str, scopes: Sequence[Scope], tokens: int) -> None:
-        args: list[Any] = [self.window_ms, lease, tokens]
+    def release(self, lease: str, scopes: Sequence[Scope], reserved: int, second: int, used: int) -> None:
+        args: list[Any] = [self.window, lease, reserved, second, used]
         for scope in scopes:
             args += ("1" if scope.tpm is not None else "0", "1" if scope.max_concurrency is not None else "0")
         self._pending.append((_keys(scopes), args))
