@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ from plinth.tenancy import ChainedKeyStore, DatabaseKeyStore, StaticKeyStore
 from plinth.tenancy.service import TenancyService
 
 log = logging.getLogger("plinth.gateway")
+
+SWITCH_INTERVAL_S = 0.0005  # see the lifespan
 
 OPENAI_CHAT = ChatProtocol(
     endpoint=Endpoint("chat_completions", openai_protocol.error_body),
@@ -218,6 +221,10 @@ def create_app(settings: AppSettings) -> Starlette:
         # scans, which otherwise grow with every imported library and show up as latency spikes.
         gc.collect()
         gc.freeze()
+        # Background threads (the usage-record writer, key and budget refreshes) hold the GIL in
+        # bursts of Python work; by default the event loop waits up to 5 ms for it, which showed as
+        # the 1-connection p99. With 0.5 ms it waits at most that long (docs/benchmarks.md).
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         state["ready"] = True
         try:
             yield

@@ -3,7 +3,7 @@
 `record()` runs once per answered request on the event loop, so it only appends a small object to a
 deque (O(1), no I/O, no lock: `deque.append` is atomic in CPython). A background task wakes every
 `interval_s` or as soon as `batch_size` records wait, computes costs and bulk-inserts them in a
-worker thread. A failed insert keeps the batch for the next try; the buffer is bounded, so a
+low-priority worker thread (`plinth.storage.background`). A failed insert keeps the batch for the next try; the buffer is bounded, so a
 database that stays down costs the *oldest* records (logged, and counted in
 `plinth_usage_records_dropped_total`) rather than the gateway's memory. `aclose()` (application
 shutdown) writes whatever is left. Records still in memory when the process is killed are lost:
@@ -27,6 +27,7 @@ from plinth.metering.models import UsageRecord
 from plinth.metering.prices import PriceBook
 from plinth.providers.types import Usage
 from plinth.storage import Database
+from plinth.storage.background import run_in_background
 from plinth.tenancy import Principal
 
 log = logging.getLogger("plinth.metering")
@@ -153,7 +154,7 @@ class UsageRecorder:
         while self._buffer:
             batch = self._take(self.batch_size)
             try:
-                await asyncio.to_thread(self._write, batch)
+                await run_in_background(self._write, batch)
             except Exception as exc:
                 self._put_back(batch)
                 if not self._failing:

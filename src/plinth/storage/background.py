@@ -1,0 +1,52 @@
+"""A low-priority thread for bulk writes that must not delay requests (usage records, audit events).
+
+The batch writers run beside the event loop in the same process, and so on the same CPU cores. In a
+worker thread of normal priority a 150-row insert takes the core away from the event loop for a few
+milliseconds, which showed as the 1-connection p99 (4.1 ms against 1.1 ms with the writer stopped).
+Here the thread runs at a lower OS priority (nice +10, Linux sets it per thread): the kernel lets the
+event loop preempt it as soon as a request arrives, while under full load it still gets about a
+tenth of a contended core, far more than the writes need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+
+NICE_INCREMENT = 10
+
+_executor: ThreadPoolExecutor | None = None
+_lock = threading.Lock()
+
+
+def _lower_priority() -> None:
+    # On Linux `setpriority(PRIO_PROCESS, tid)` applies to one thread; raising one's own nice
+    # value needs no privilege. Elsewhere this is a harmless no-op.
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE_INCREMENT)
+
+
+def background_executor() -> ThreadPoolExecutor:
+    """The process's low-priority writer thread (one: the writes are serialised anyway)."""
+    global _executor
+    with _lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="plinth-background", initializer=_lower_priority
+            )
+        return _executor
+
+
+async def run_in_background(fn: Callable[..., T], *args: object) -> T:
+    """`asyncio.to_thread`, on the low-priority writer thread."""
+    return await asyncio.get_running_loop().run_in_executor(background_executor(), fn, *args)
+
+
+__all__ = ["background_executor", "run_in_background"]
