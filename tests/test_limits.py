@@ -22,10 +22,11 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from conftest import ADMIN_KEY, REDIS_URL, GatewayServer, needs_redis, openai_deployment, wait_for
 from mocks.openai_upstream import OpenAIUpstream
-from plinth.config.schema import LimitsConfig, ModelConfig, RoutingConfig
+from plinth.config.schema import LimitsConfig, ModelConfig, PlinthConfig, RoutingConfig
 from plinth.gateway.admission import Call, Outcome
 from plinth.gateway.errors import GatewayError
 from plinth.limits import (
@@ -391,6 +392,37 @@ def limited_config(upstream: OpenAIUpstream, **limits: int) -> dict[str, Any]:
         ],
         "keys": [{"name": "team-a", "key": USER}],
     }
+
+
+async def test_keys_declared_in_the_config_file_have_their_own_limits(
+    gateway_factory: Callable[..., GatewayServer], openai_upstream: OpenAIUpstream
+) -> None:
+    config = {
+        "models": [{"name": "gpt-4o-mini", "deployments": [openai_deployment(openai_upstream.url)]}],
+        "keys": [
+            {"name": "batch-job", "key": USER, "limits": {"rpm": 1}},
+            {"name": "other", "key": USER + "-other"},
+        ],
+    }
+    gw = gateway_factory(config)
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        limited = {"authorization": f"Bearer {USER}"}
+        assert (await http.post("/v1/chat/completions", json=chat, headers=limited)).status_code == 200
+        reply = await http.post("/v1/chat/completions", json=chat, headers=limited)
+        assert reply.status_code == 429
+        assert "key 'batch-job': 1 requests per minute" in reply.json()["error"]["message"]
+        other = await http.post(
+            "/v1/chat/completions", json=chat, headers={"authorization": f"Bearer {USER}-other"}
+        )
+        assert other.status_code == 200 and "x-ratelimit-limit-requests" not in other.headers
+
+
+def test_config_key_limits_are_validated() -> None:
+    with pytest.raises(ValidationError, match="rpm"):
+        PlinthConfig.model_validate({"keys": [{"name": "a", "key": "k", "limits": {"rpm": 0}}]})
+    with pytest.raises(ValidationError, match="rpx"):
+        PlinthConfig.model_validate({"keys": [{"name": "a", "key": "k", "limits": {"rpx": 5}}]})
 
 
 async def test_429_in_openai_and_anthropic_shapes(

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+
 ProviderType = Literal["openai", "azure", "openai_compatible", "anthropic", "bedrock", "gemini", "local"]
 RoutingStrategy = Literal["priority", "weighted", "latency", "least_busy"]
 
@@ -149,6 +150,14 @@ class ModelConfig(_Strict):
         return v
 
 
+class KeyLimitsConfig(_Strict):
+    """Ceilings of one key declared in the file; None: unlimited."""
+
+    rpm: Annotated[int, Field(ge=1)] | None = None
+    tpm: Annotated[int, Field(ge=1)] | None = None
+    max_concurrency: Annotated[int, Field(ge=1)] | None = None
+
+
 class StaticKeyConfig(_Strict):
     """An API key declared in the file (the tenancy store adds database keys later)."""
 
@@ -157,6 +166,7 @@ class StaticKeyConfig(_Strict):
     key_sha256: str | None = None
     models: list[str] | None = None  # None: every model
     cache: Literal["exact", "semantic"] | None = None  # opt this key's requests into caching
+    limits: KeyLimitsConfig | None = None  # this key's own ceilings (see docs/limits.md)
 
     @model_validator(mode="after")
     def _one_of(self) -> StaticKeyConfig:

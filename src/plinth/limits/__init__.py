@@ -42,11 +42,17 @@ def build_limiter(config: PlinthConfig) -> RateLimiter:
 
 
 def _configured_limits(config: PlinthConfig) -> list[str]:
-    return [
+    models = [
         f"model '{m.name}'"
         for m in config.models
         if m.limits is not None and (m.limits.rpm or m.limits.tpm or m.limits.max_concurrency)
     ]
+    keys = [
+        f"key '{k.name}'"
+        for k in config.keys
+        if k.limits is not None and (k.limits.rpm or k.limits.tpm or k.limits.max_concurrency)
+    ]
+    return models + keys
 
 
 def _database_limits(database: Database) -> list[str]:

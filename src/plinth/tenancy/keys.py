@@ -84,8 +84,12 @@ class StaticKeyStore:
             digest = key_digest(entry.key.get_secret_value()) if entry.key is not None else entry.key_sha256
             assert digest is not None
             models = frozenset(entry.models) if entry.models is not None else None
+            limits = entry.limits
             self._by_digest[digest.lower()] = Principal(
-                name=entry.name, allowed_models=models, cache=entry.cache
+                name=entry.name,
+                allowed_models=models,
+                cache=entry.cache,
+                limits=RateLimits(limits.rpm, limits.tpm, limits.max_concurrency) if limits else None,
             )
 
     def authenticate(self, presented: str) -> Principal | None:
