@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from conftest import ADMIN_KEY, REDIS_URL, GatewayServer, needs_redis, openai_deployment, wait_for
 from mocks.openai_upstream import OpenAIUpstream
+from plinth.budgets.service import BudgetService
 from plinth.config.schema import LimitsConfig, ModelConfig, PlinthConfig, RoutingConfig
 from plinth.gateway.admission import Call, Outcome
 from plinth.gateway.errors import GatewayError
@@ -536,7 +537,7 @@ def test_several_workers_without_redis_refuse_to_start(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "plinth", "serve", "--config", str(config), "--workers", "2"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert "limits are set (model 'm')" in done.stderr and "redis.url" in done.stderr
+    assert "limits or budgets are set (model 'm')" in done.stderr and "redis.url" in done.stderr
 
     parsed = __import__("plinth.config", fromlist=["load_config"]).load_config(config)
     assert exactness_problem(parsed, 1) is None
@@ -549,6 +550,9 @@ def test_several_workers_without_redis_refuse_to_start(tmp_path: Path) -> None:
     assert problem is not None and "team 'payments'" in problem and "4 worker" in problem
     service.set_team_limits(team.id, rpm_limit=None, tpm_limit=None, max_concurrency=None)
     assert exactness_problem(no_model_limits, 4, db) is None
+    BudgetService(db).set_budget("team", team.id, "month", limit_usd=100.0)
+    problem = exactness_problem(no_model_limits, 2, db)
+    assert problem is not None and "budget 'team:month'" in problem
 
 
 # --- the must-show: exact across processes ---------------------------------------------------------

@@ -68,6 +68,12 @@ def _database_limits(database: Database) -> list[str]:
             if model is ApiKey:
                 query = query.where(ApiKey.revoked_at.is_(None))
             found += [f"{what} '{name}'" for name in session.scalars(query.limit(3))]
+        # Budgets reserve in the same kind of counters: per worker, each would let the whole
+        # budget through.
+        from plinth.budgets.models import Budget
+
+        budgets = session.scalars(select(Budget.scope + ":" + Budget.period).limit(3))
+        found += [f"budget '{label}'" for label in budgets]
     return found
 
 
@@ -75,14 +81,15 @@ def exactness_problem(config: PlinthConfig, workers: int, database: Database | N
     """Why these limits could not be enforced exactly by in-process counters, or None.
 
     Several worker processes each counting in their own memory would each admit the full limit;
-    with any limit configured (in the file or on keys and teams in the database) they need Redis."""
+    with any limit or budget configured (in the file, or on keys, teams and budgets in the
+    database) they need Redis."""
     if config.redis.url is not None or workers <= 1:
         return None
     limited = _configured_limits(config) + (_database_limits(database) if database is not None else [])
     if not limited:
         return None
     return (
-        f"limits are set ({', '.join(limited[:3])}{', …' if len(limited) > 3 else ''}) but {workers} worker "
+        f"limits or budgets are set ({', '.join(limited[:3])}{', …' if len(limited) > 3 else ''}) but {workers} worker "
         "processes would each count them separately, admitting up to "
         f"{workers} times the limit. Set redis.url (shared, exact counters) or run one worker."
     )
