@@ -15,6 +15,7 @@ import anthropic
 import httpx
 import pytest
 from openai import AsyncOpenAI
+from prometheus_client import REGISTRY
 
 from conftest import REDIS_URL, USER_KEY, GatewayServer, needs_redis, openai_deployment, wait_for
 from mocks import anthropic_upstream as am
@@ -100,13 +101,21 @@ def _team_keys(db_url: str, *teams: str, **key_args: Any) -> list[str]:
 # --- exact cache through the gateway -----------------------------------------------------------
 
 
+def _lookups(mode: str, result: str) -> float:
+    """The Prometheus counter (the gateway under test runs in this process)."""
+    value = REGISTRY.get_sample_value("plinth_cache_lookups_total", {"mode": mode, "result": result})
+    return value or 0.0
+
+
 async def test_exact_hit_calls_the_upstream_once(
     gateway_factory: Callable[..., GatewayServer], openai_upstream: OpenAIUpstream
 ) -> None:
     server = gateway_factory(_config(openai_upstream))
+    hits, misses = _lookups("exact", "hit_exact"), _lookups("exact", "miss")
     assert await _ask(server, "hello", EXACT) == ("echo: hello", "miss")
     assert await _ask(server, "hello", EXACT) == ("echo: hello", "hit")
     assert len(openai_upstream.requests) == 1
+    assert (_lookups("exact", "hit_exact"), _lookups("exact", "miss")) == (hits + 1, misses + 1)
     # Different sampling parameters are a different question; without the header, no cache at all.
     assert await _ask(server, "hello", EXACT, temperature=0.3) == ("echo: hello", "miss")
     assert await _ask(server, "hello") == ("echo: hello", None)
@@ -296,8 +305,10 @@ async def test_semantic_hit_for_a_paraphrase_only(
         return raw.parse().choices[0].message.content or "", raw.headers.get("x-plinth-cache")
 
     openai_upstream.queue(Reply(body=completion("Paris.")))
+    semantic_hits = _lookups("semantic", "hit_semantic")
     assert await ask("What is the capital of France?") == ("Paris.", "miss")
     assert await ask("what's the capital city of France?") == ("Paris.", "hit")
+    assert _lookups("semantic", "hit_semantic") == semantic_hits + 1
     assert (await ask("How do I bake sourdough bread?"))[1] == "miss"
     assert (await ask("What is the capital of Germany?"))[1] == "miss"
     # Another system prompt is another bucket, however similar the question.

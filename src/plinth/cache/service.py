@@ -24,6 +24,7 @@ from plinth.cache import canonical
 from plinth.cache.backends import CacheBackend, Candidate, MemoryBackend, RedisBackend
 from plinth.config.schema import CacheConfig, PlinthConfig
 from plinth.gateway.errors import GatewayError
+from plinth.observability.metrics import CACHE_LOOKUPS
 from plinth.providers.base import ChatStream
 from plinth.providers.types import ChatRequest, ChatResponse, EmbeddingRequest, StreamEvent
 from plinth.routing import Attempt, Router, UnknownModel
@@ -205,17 +206,25 @@ class ResponseCache:
         if not plan.cacheable:
             return None
         chat = plan.chat
+        result = "miss"
         try:
             plan.key = canonical.exact_key(plan.partition, chat.model, chat)
             raw = await self.backend.get(plan.key)
-            if raw is None and plan.mode == "semantic":
-                raw = await self._semantic(plan)
             if raw is not None:
+                result = "hit_exact"
+            elif plan.mode == "semantic":
+                raw = await self._semantic(plan)
+                result = "miss" if raw is None else "hit_semantic"
+            if raw is not None:
+                answer = canonical.loads(raw)
                 self.hits += 1
-                return canonical.loads(raw)
+                CACHE_LOOKUPS.labels(plan.mode, result).inc()
+                return answer
         except Exception as exc:
             log.warning("cache lookup failed, answering from the upstream: %r", exc)
+            result = "error"
         self.misses += 1
+        CACHE_LOOKUPS.labels(plan.mode, result).inc()
         return None
 
     async def _semantic(self, plan: CachePlan) -> bytes | None:

@@ -38,6 +38,11 @@ OVERHEAD = Histogram(
 )
 TOKENS = Counter("plinth_tokens", "Tokens metered.", ["model", "kind"])
 UPSTREAM_ERRORS = Counter("plinth_upstream_errors", "Failed upstream attempts.", ["deployment", "kind"])
+CACHE_LOOKUPS = Counter(
+    "plinth_cache_lookups",
+    "Response-cache lookups by mode and result (hit_exact, hit_semantic, miss, error).",
+    ["mode", "result"],
+)
 UPSTREAM_LATENCY = Histogram(
     "plinth_upstream_duration_seconds",
     "Upstream time per request (to first event for streams), all attempts.",
