@@ -201,6 +201,19 @@ def test_settling_after_the_reservation_left_the_window_takes_nothing_back() -> 
     assert refusal.tokens_used == 900  # "b"'s 500 reserved and "a"'s 400 used, nothing subtracted
 
 
+@needs_redis
+async def test_redis_releases_survive_a_flushed_script_cache() -> None:
+    assert REDIS_URL is not None
+    backend = RedisBackend(REDIS_URL)
+    scope = [Scope(uid("k"), "key 'a'", tpm=1000)]
+    a = granted(await backend.acquire("a", scope, 900))
+    await backend.client.script_flush()  # as after a Redis restart
+    backend.release("a", scope, 900, a.second, 100)
+    await backend.flush()
+    assert granted(await backend.acquire("b", scope, 900)).used == ((0, 1000),)
+    await backend.aclose()
+
+
 async def test_concurrency_leases(make_backend: Callable[..., Backend]) -> None:
     backend = make_backend()
     scope = [Scope(uid("m"), "model 'm'", max_concurrency=2)]

@@ -3,7 +3,8 @@
 Each admission is one EVALSHA of a Lua script that purges, checks and (only if every scope fits)
 counts the request in all its scopes; Redis runs scripts one at a time, so two processes can never
 both take the last slot. Times come from the Redis server's clock, so replicas need not agree on
-theirs. Releases are batched into one pipeline per event-loop turn, off the request path.
+theirs. Releases are sent off the request path: a freed concurrency slot at once, token corrections
+batched for up to 20 ms into one pipeline.
 
 Per scope three keys, all under one hash tag so a Redis Cluster keeps them on one shard: requests
 and tokens (hashes of per-second buckets, see `plinth.limits.base`), and leases (sorted set:
@@ -21,13 +22,14 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from plinth.limits.base import LEASE_S, WINDOW_S, Grant, Refusal, RefusalKind, Scope
 
 log = logging.getLogger("plinth.limits")
 
 PREFIX = "{plinth:lim}:"
+RELEASE_DELAY_S = 0.02  # token corrections are batched this long (concurrency slots go at once)
 
 # Buckets live in a hash per scope and counter: field = the second (Redis server time), plus "#n"
 # (the sum over the window) and "#from" (no bucket is older than this second). Purging walks from
@@ -249,7 +251,7 @@ class RedisBackend:
         self._release = self.client.register_script(RELEASE)
         self._renew = self.client.register_script(RENEW)
         self._pending: deque[tuple[list[str], list[Any]]] = deque()
-        self._flushing = False
+        self._wake = asyncio.Event()
         self._flush_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_warning = 0.0
@@ -284,41 +286,70 @@ class RedisBackend:
 
     def release(self, lease: str, scopes: Sequence[Scope], reserved: int, second: int, used: int) -> None:
         args: list[Any] = [self.window, lease, reserved, second, used]
+        urgent = False
         for scope in scopes:
             args += ("1" if scope.tpm is not None else "0", "1" if scope.max_concurrency is not None else "0")
+            urgent = urgent or scope.max_concurrency is not None
         self._pending.append((_keys(scopes), args))
-        if self._flushing or self._loop is None:
+        if self._loop is None:
             return
-        self._flushing = True
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         try:
             if running is self._loop:
-                self._start_flush()
+                self._schedule(urgent)
             else:  # settled from another thread (a finalizer): hand over to the loop
-                self._loop.call_soon_threadsafe(self._start_flush)
+                self._loop.call_soon_threadsafe(self._schedule, urgent)
         except RuntimeError:  # loop closed: the leases expire and the tokens leave the window
-            self._flushing = False
+            pass
 
-    def _start_flush(self) -> None:
-        self._flush_task = asyncio.get_running_loop().create_task(self._flush(), name="plinth-limits-release")
+    def _schedule(self, urgent: bool) -> None:
+        # A freed concurrency slot goes out at once (a client may be waiting for it); token
+        # corrections wait up to RELEASE_DELAY_S to share one round trip with others.
+        if urgent:
+            self._wake.set()
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(
+                self._flush(), name="plinth-limits-release"
+            )
 
     async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch = list(self._pending)
-                self._pending.clear()
-                pipe = self.client.pipeline(transaction=False)
-                for keys, args in batch:
-                    await self._release(keys=keys, args=args, client=pipe)
-                try:
+        while self._pending:
+            if not self._wake.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), RELEASE_DELAY_S)
+            self._wake.clear()
+            batch = list(self._pending)
+            self._pending.clear()
+            try:
+                await self._send_releases(batch)
+            except (RedisError, OSError) as exc:
+                self._warn("release", exc)  # leases expire by themselves; tokens leave the window
+
+    async def _send_releases(self, batch: list[tuple[list[str], list[Any]]]) -> None:
+        """EVALSHA each release: alone, or in one pipeline for a batch.
+
+        Not through redis-py's `Script` objects in a pipeline: those make every `execute()` send
+        a `SCRIPT EXISTS` first, a second round trip per flush (measured: 375 µs for one release
+        and its flush, against 230 µs for an admission)."""
+        sha = self._release.sha
+        for attempt in (1, 2):
+            try:
+                if len(batch) == 1:
+                    keys, args = batch[0]
+                    await self.client.evalsha(sha, len(keys), *keys, *args)
+                else:
+                    pipe = self.client.pipeline(transaction=False)
+                    for keys, args in batch:
+                        pipe.evalsha(sha, len(keys), *keys, *args)
                     await pipe.execute()
-                except (RedisError, OSError) as exc:
-                    self._warn("release", exc)  # leases expire by themselves; tokens leave the window
-        finally:
-            self._flushing = False
+                return
+            except NoScriptError:  # Redis restarted or its script cache was flushed
+                if attempt == 2:
+                    raise
+                await self.client.script_load(RELEASE)
 
     async def renew(self, leases: Sequence[tuple[str, Sequence[Scope]]]) -> None:
         keys: list[str] = []
@@ -336,16 +367,13 @@ class RedisBackend:
             self._warn("lease renewal", exc)
 
     async def flush(self) -> None:
-        """Wait until every release handed over so far has reached Redis."""
-        while self._flushing or self._pending:
-            task = self._flush_task
-            if task is not None and not task.done():
-                await task
-            elif self._pending:
-                self._flushing = True
-                self._start_flush()
-            else:
-                await asyncio.sleep(0)
+        """Send every release handed over so far now, and wait until it reached Redis."""
+        while self._pending or (self._flush_task is not None and not self._flush_task.done()):
+            self._wake.set()
+            if self._flush_task is None or self._flush_task.done():
+                self._schedule(True)
+            assert self._flush_task is not None
+            await self._flush_task
 
     async def aclose(self) -> None:
         with contextlib.suppress(Exception):
