@@ -720,7 +720,8 @@ def test_openapi_document(world: World) -> None:
         ("get", "/api/usage"),
         ("get", "/api/usage.csv"),
     }
-    assert {(m, p) for p, item in doc["paths"].items() for m in item} == expected
+    # Extensions (governance, ...) add their own paths; they test those in their own files.
+    assert expected <= {(m, p) for p, item in doc["paths"].items() for m in item}
     schemas = doc["components"]["schemas"]
     for ref in _refs(doc):
         assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in schemas, ref

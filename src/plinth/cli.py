@@ -17,6 +17,7 @@ from rich.console import Console
 from plinth import __version__
 from plinth.admin import cli as admin_cli
 from plinth.config import ConfigError, PlinthConfig, admin_key_problem, load_config
+from plinth.governance import cli as governance_cli
 
 app = typer.Typer(
     name="plinth",
@@ -33,6 +34,12 @@ app.add_typer(admin_cli.keys_app, name="keys")
 app.add_typer(admin_cli.users_app, name="users")
 app.add_typer(admin_cli.budgets_app, name="budgets")
 app.add_typer(admin_cli.usage_app, name="usage")
+app.add_typer(governance_cli.models_app, name="models")
+app.add_typer(governance_cli.providers_app, name="providers")
+app.add_typer(governance_cli.approvals_app, name="approvals")
+app.add_typer(governance_cli.kill_app, name="kill")
+app.add_typer(governance_cli.policy_app, name="policy")
+app.add_typer(governance_cli.audit_app, name="audit")
 db_app = typer.Typer(help="Database schema: migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 err = Console(stderr=True)
@@ -53,12 +60,14 @@ def _load(config_path: Path | None) -> PlinthConfig:
 
 def _check_deployments(settings: PlinthConfig) -> None:
     """Build every provider once, so a bad deployment fails here and not in a worker."""
+    from plinth.governance.policy import PolicyError, PolicySource, load_policies
     from plinth.providers.http import HttpClient
     from plinth.routing import Router
 
     try:
         Router(settings, HttpClient())
-    except ConfigError as exc:
+        load_policies(PolicySource(settings.governance.policies))  # a bad policy file stops here too
+    except (ConfigError, PolicyError) as exc:
         err.print(f"[red]Configuration error[/red]\n{exc}", highlight=False)
         raise typer.Exit(2) from None
 

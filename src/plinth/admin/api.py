@@ -12,7 +12,7 @@ import asyncio
 import datetime as dt
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -55,6 +55,7 @@ class Call:
     # The gateway's budget tracker and event loop, to read reservations in flight (budget status).
     tracker: SpendTracker | None = None
     loop: asyncio.AbstractEventLoop | None = None
+    request_id: str | None = None  # for the audit trail
 
     def body_as(self, model: type[B]) -> B:
         assert isinstance(self.body, model)
@@ -115,6 +116,16 @@ class AdminExtension(Protocol):
     def operations(self) -> list[Operation]: ...
 
 
+@runtime_checkable
+class AdminObserver(Protocol):
+    """An extension told about every admin call after its handler ran or was refused (the audit
+    trail records them). Called in a worker thread; it may block."""
+
+    def observe(
+        self, operation: Operation, call: Call, result: BaseModel | None, error: GatewayError | None
+    ) -> None: ...
+
+
 class AdminApi:
     """The handlers, bound to one tenancy service and the gateway's key store."""
 
@@ -127,6 +138,7 @@ class AdminApi:
         self.operations = self._operations()
         for extension in extensions:
             self.operations.extend(extension.operations())
+        self.observers = [e for e in extensions if isinstance(e, AdminObserver)]
         self._openapi: bytes | None = None
 
     # --- authentication --------------------------------------------------------------------
@@ -545,7 +557,7 @@ class AdminApi:
         async def endpoint(request: Request) -> Response:
             ctx = new_context(request)
             try:
-                result = await self._run(operation, request)
+                result = await self._run(operation, request, ctx.request_id)
             except TenancyError as exc:
                 return error_response(_error(exc), ctx, ADMIN)
             except GatewayError as err:
@@ -560,10 +572,15 @@ class AdminApi:
         endpoint.__name__ = operation.operation_id
         return endpoint
 
-    async def _run(self, operation: Operation, request: Request) -> BaseModel:
+    async def _run(self, operation: Operation, request: Request, request_id: str | None = None) -> BaseModel:
         actor = await asyncio.to_thread(self.authenticate, request.headers.get("authorization"))
         if operation.permission is not None:
-            actor.require(operation.permission, operation.doing)
+            try:
+                actor.require(operation.permission, operation.doing)
+            except GatewayError as err:
+                call = Call(actor, dict(request.path_params), None, None, request_id=request_id)
+                await asyncio.to_thread(self._notify, operation, call, None, err)
+                raise
         query = None
         if operation.query is not None:
             try:
@@ -580,8 +597,27 @@ class AdminApi:
                     raise _validation_error(exc, "body") from None
         admission = getattr(request.app.state, "budgets", None)
         tracker = admission.tracker if isinstance(admission, BudgetAdmission) else None
-        call = Call(actor, dict(request.path_params), body, query, tracker, asyncio.get_running_loop())
-        return await asyncio.to_thread(operation.handler, call)
+        call = Call(
+            actor, dict(request.path_params), body, query, tracker, asyncio.get_running_loop(), request_id
+        )
+        if not self.observers:
+            return await asyncio.to_thread(operation.handler, call)
+        return await asyncio.to_thread(self._observed, operation, call)
+
+    def _observed(self, operation: Operation, call: Call) -> BaseModel:
+        try:
+            result = operation.handler(call)
+        except (TenancyError, GatewayError) as exc:
+            self._notify(operation, call, None, _error(exc) if isinstance(exc, TenancyError) else exc)
+            raise
+        self._notify(operation, call, result, None)
+        return result
+
+    def _notify(
+        self, operation: Operation, call: Call, result: BaseModel | None, error: GatewayError | None
+    ) -> None:
+        for observer in self.observers:
+            observer.observe(operation, call, result, error)
 
 
 async def _read_json(request: Request, *, optional: bool) -> Any:
@@ -611,4 +647,4 @@ def admin_routes(tenancy: TenancyService, keys: KeyStore, extensions: Sequence[A
     return Mount(PREFIX, routes=AdminApi(tenancy, keys, extensions).routes())
 
 
-__all__ = ["AdminApi", "AdminExtension", "Call", "Operation", "admin_routes"]
+__all__ = ["AdminApi", "AdminExtension", "AdminObserver", "Call", "Operation", "admin_routes"]

@@ -18,15 +18,24 @@ from plinth.tenancy.models import Role, User
 RESOURCES = ("orgs", "teams", "projects", "keys", "users", "budgets", "usage")
 
 READ_ALL = frozenset(f"{resource}:read" for resource in RESOURCES)
+# Governance (plinth.governance.api): everyone reads the model hub and provider reviews; auditors
+# read everything, including policies and the audit trail; only platform admins change anything.
+# Approving needs `approvals:write` and is never allowed to the person who asked (four eyes).
+GOVERNANCE_CATALOG = frozenset({"models:read", "providers:read"})
+GOVERNANCE_READ = GOVERNANCE_CATALOG | {"approvals:read", "kill:read", "policy:read", "audit:read"}
+GOVERNANCE_WRITE = frozenset({"models:write", "providers:write", "approvals:write", "kill:write"})
 PERMISSIONS: dict[Role, frozenset[str]] = {
     # `usage` is read-only (usage records are written by the gateway); `limits:write` is the limits
     # of keys (a team's own limits need `teams:write`, so a team admin cannot raise its own cap).
     Role.PLATFORM_ADMIN: READ_ALL
     | {f"{resource}:write" for resource in RESOURCES if resource != "usage"}
-    | {"limits:write"},
-    Role.AUDITOR: READ_ALL,
+    | {"limits:write"}
+    | GOVERNANCE_READ
+    | GOVERNANCE_WRITE,
+    Role.AUDITOR: READ_ALL | GOVERNANCE_READ,
     # Team admins may create users, but only developers of their own team (see the users handler).
-    Role.TEAM_ADMIN: frozenset(
+    Role.TEAM_ADMIN: GOVERNANCE_CATALOG
+    | frozenset(
         {
             "teams:read",
             "projects:read",
@@ -43,9 +52,8 @@ PERMISSIONS: dict[Role, frozenset[str]] = {
     ),
     # Reading their team includes its projects, so a developer can pick one for a new key; they see
     # their team's spend and budgets but cannot change limits or budgets.
-    Role.DEVELOPER: frozenset(
-        {"teams:read", "projects:read", "keys:read", "keys:write", "budgets:read", "usage:read"}
-    ),
+    Role.DEVELOPER: GOVERNANCE_CATALOG
+    | frozenset({"teams:read", "projects:read", "keys:read", "keys:write", "budgets:read", "usage:read"}),
 }
 
 # Roles whose every action is confined to their own team.

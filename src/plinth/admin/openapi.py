@@ -45,7 +45,8 @@ def openapi_document(operations: list[Operation], prefix: str) -> dict[str, Any]
 
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
-        item = paths.setdefault(prefix + op.path, {})
+        # Starlette's `{name:path}` (a name that may hold '/') is a plain `{name}` in OpenAPI.
+        item = paths.setdefault(prefix + re.sub(r"{(\w+):\w+}", r"{\1}", op.path), {})
         item[op.method.lower()] = _operation(op, ref)
     paths[prefix + "/openapi.json"] = {
         "get": {
@@ -96,7 +97,7 @@ def _operation(op: Operation, ref: Any) -> dict[str, Any]:
         out["description"] = doc + (f"\n\nPermission: `{op.permission}`." if op.permission else "")
     parameters = [
         {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-        for name in re.findall(r"{(\w+)}", op.path)
+        for name in re.findall(r"{(\w+)(?::\w+)?}", op.path)
     ]
     if op.query is not None:
         schema = op.query.model_json_schema(ref_template=REF)

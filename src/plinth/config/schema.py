@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from plinth.governance.config import GovernanceConfig
 
 ProviderType = Literal["openai", "azure", "openai_compatible", "anthropic", "bedrock", "gemini", "local"]
 RoutingStrategy = Literal["priority", "weighted", "latency", "least_busy"]
@@ -182,6 +183,8 @@ class PlinthConfig(_Strict):
     cache: CacheConfig = CacheConfig()
     models: list[ModelConfig] = Field(default_factory=list)
     keys: list[StaticKeyConfig] = Field(default_factory=list)
+    # Model hub, provider reviews, policies, audit (docs/governance.md); empty: built-in default policy.
+    governance: GovernanceConfig = GovernanceConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> PlinthConfig:

@@ -36,6 +36,7 @@ from plinth.gateway.pipeline import (
     handle_embeddings,
     new_context,
 )
+from plinth.governance.api import GovernanceAdmin
 from plinth.limits import build_limiter
 from plinth.metering import PriceBook, UsageRecorder
 from plinth.observability import metrics
@@ -245,6 +246,7 @@ def create_app(settings: AppSettings) -> Starlette:
 
     # Later parts of the product (governance, knowledge bases, ...) add their admin operations here.
     admin_extensions: list[AdminExtension] = []
+    admin_extensions.append(GovernanceAdmin(database, config))  # model hub, approvals, kill switch, audit
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),

@@ -1,0 +1,524 @@
+"""The audit trail: append-only, hash-chained records of admin actions and policy decisions.
+
+Each record's hash covers its own fields and the previous record's hash, and `audit_head` holds the
+newest (seq, hash). Writers lock the head row first (an UPDATE: the write lock on SQLite, a row lock
+on PostgreSQL), so records from every worker and replica form one chain. `verify()` walks the chain
+and names the first record that was edited, removed or moved; `export()` writes JSONL segments
+with a manifest of hashes, fit for write-once storage, and `verify_export()` checks such a folder
+offline.
+
+Decisions are recorded off the hot path: `record_decision()` appends to a bounded deque and a
+background task writes batches (like `plinth.metering.recorder`). Records carry who, what, when,
+why and the deciding policy ids; never prompt or answer content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from prometheus_client import Counter
+from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.orm import Session
+
+from plinth.governance.models import AuditHead, AuditRecord
+from plinth.storage import Database, utcnow
+
+if TYPE_CHECKING:
+    from plinth.governance.engine import Decision
+    from plinth.tenancy.keys import Principal
+
+log = logging.getLogger("plinth.governance.audit")
+
+GENESIS = "0" * 64
+EXPORT_FORMAT = "plinth-audit-export/1"
+DROPPED = Counter("plinth_audit_records_dropped", "Decision records lost because the database refused them.")
+
+_LIMITS = {"actor": 200, "action": 100, "target": 300, "reason": 1000, "request_id": 128}
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What a caller records; seq, timestamps and hashes are added when it joins the chain."""
+
+    kind: str  # "admin" or "decision"
+    actor: str
+    action: str
+    outcome: str
+    target: str | None = None
+    reason: str | None = None
+    request_id: str | None = None
+    policy_ids: tuple[str, ...] = ()
+    detail: dict[str, Any] = field(default_factory=dict)
+    created_at: dt.datetime | None = None
+
+
+def _clip(value: str | None, name: str) -> str | None:
+    limit = _LIMITS[name]
+    return value if value is None or len(value) <= limit else value[: limit - 1] + "…"
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    """The chain hash of one record (a dict as `as_dict` makes it) over its fields and prev_hash."""
+    payload = [
+        record["seq"],
+        record["created_at"],
+        record["kind"],
+        record["actor"],
+        record["action"],
+        record["target"],
+        record["outcome"],
+        record["reason"],
+        record["request_id"],
+        list(record["policy_ids"]),
+        record["detail"],
+        record["prev_hash"],
+    ]
+    return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _iso(moment: dt.datetime) -> str:
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds")
+
+
+def as_dict(row: AuditRecord) -> dict[str, Any]:
+    return {
+        "seq": row.seq,
+        "created_at": _iso(row.created_at),
+        "kind": row.kind,
+        "actor": row.actor,
+        "action": row.action,
+        "target": row.target,
+        "outcome": row.outcome,
+        "reason": row.reason,
+        "request_id": row.request_id,
+        "policy_ids": list(row.policy_ids or []),
+        "detail": row.detail or {},
+        "prev_hash": row.prev_hash,
+        "hash": row.hash,
+    }
+
+
+def _row(seq: int, entry: Entry, prev_hash: str, now: dt.datetime) -> dict[str, Any]:
+    created = (entry.created_at or now).replace(tzinfo=None)
+    # The JSON round trip makes `detail` exactly what the database gives back later.
+    detail = orjson.loads(orjson.dumps(entry.detail, option=orjson.OPT_NON_STR_KEYS))
+    record = {
+        "seq": seq,
+        "created_at": _iso(created),
+        "kind": entry.kind,
+        "actor": _clip(entry.actor, "actor") or "-",
+        "action": _clip(entry.action, "action") or "-",
+        "target": _clip(entry.target, "target"),
+        "outcome": entry.outcome[:20],
+        "reason": _clip(entry.reason, "reason"),
+        "request_id": _clip(entry.request_id, "request_id"),
+        "policy_ids": list(entry.policy_ids),
+        "detail": detail,
+        "prev_hash": prev_hash,
+    }
+    record["hash"] = record_hash(record)
+    record["created_at"] = created
+    return record
+
+
+def append(connection: Connection | Session, entries: Sequence[Entry]) -> int:
+    """Add entries to the chain inside the caller's transaction; returns the last seq.
+
+    The head is written first, so the lock is held before it is read (see the module docstring)."""
+    if not entries:
+        return 0
+    connection.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq))
+    head = connection.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)).one_or_none()
+    if head is None:
+        raise RuntimeError("the audit chain head is missing: run `plinth db upgrade`")
+    seq, prev = int(head[0]), str(head[1])
+    now = utcnow()
+    rows = []
+    for entry in entries:
+        seq += 1
+        row = _row(seq, entry, prev, now)
+        prev = row["hash"]
+        rows.append(row)
+    connection.execute(insert(AuditRecord), rows)
+    connection.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=seq, hash=prev))
+    return seq
+
+
+@dataclass(slots=True)
+class VerifyResult:
+    ok: bool
+    records: int
+    head_seq: int
+    problems: list[str]
+    first_bad_seq: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "records": self.records,
+            "head_seq": self.head_seq,
+            "first_bad_seq": self.first_bad_seq,
+            "problems": self.problems,
+        }
+
+
+class _Checker:
+    """Walks records in seq order and notes the first problems (shared by database and export)."""
+
+    MAX_PROBLEMS = 20
+
+    def __init__(self, expected_seq: int = 1, prev_hash: str = GENESIS) -> None:
+        self.expected = expected_seq
+        self.prev = prev_hash
+        self.count = 0
+        self.problems: list[str] = []
+        self.first_bad: int | None = None
+
+    def _bad(self, seq: int, message: str) -> None:
+        if self.first_bad is None:
+            self.first_bad = seq
+        if len(self.problems) < self.MAX_PROBLEMS:
+            self.problems.append(message)
+
+    def check(self, record: dict[str, Any]) -> None:
+        seq = int(record["seq"])
+        self.count += 1
+        if seq != self.expected:
+            what = "removed" if seq > self.expected else "duplicated or moved"
+            self._bad(seq, f"record {seq}: expected seq {self.expected} (records {what})")
+        if record["prev_hash"] != self.prev:
+            self._bad(seq, f"record {seq}: does not link to the record before it (removed or reordered)")
+        if record_hash(record) != record["hash"]:
+            self._bad(seq, f"record {seq}: content does not match its hash (edited)")
+        self.expected = seq + 1
+        self.prev = record["hash"]
+
+
+def verify(db: Database, *, batch: int = 5000) -> VerifyResult:
+    """Check the whole chain in the database, and that the head matches its last record."""
+    checker = _Checker()
+    with db.session() as session:
+        head = session.get(AuditHead, 1)
+        head_seq, head_hash = (head.seq, head.hash) if head is not None else (0, GENESIS)
+        after = 0
+        while True:
+            rows = session.scalars(
+                select(AuditRecord).where(AuditRecord.seq > after).order_by(AuditRecord.seq).limit(batch)
+            ).all()
+            if not rows:
+                break
+            for row in rows:
+                checker.check(as_dict(row))
+            after = rows[-1].seq
+            session.expunge_all()
+    if head is None:
+        checker._bad(0, "the chain head (audit_head) is missing")
+    elif (checker.expected - 1, checker.prev) != (head_seq, head_hash):
+        checker._bad(
+            min(checker.expected - 1, head_seq) + 1,
+            f"the chain ends at record {checker.expected - 1} but its head says {head_seq} "
+            "(records removed from the end, or the head was edited)",
+        )
+    return VerifyResult(not checker.problems, checker.count, head_seq, checker.problems, checker.first_bad)
+
+
+def records_after(
+    db: Database, after_seq: int, limit: int, *, kind: str | None = None, request_id: str | None = None
+) -> list[dict[str, Any]]:
+    query = select(AuditRecord).where(AuditRecord.seq > after_seq)
+    if kind is not None:
+        query = query.where(AuditRecord.kind == kind)
+    if request_id is not None:
+        query = query.where(AuditRecord.request_id == request_id)
+    with db.session() as session:
+        return [as_dict(row) for row in session.scalars(query.order_by(AuditRecord.seq).limit(limit))]
+
+
+# --- export to files -------------------------------------------------------------------------------
+
+
+def _write_once(path: Path, data: bytes) -> str:
+    """Write a new file (never over an existing one), make it read-only, return its sha256."""
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    path.chmod(0o444)
+    return hashlib.sha256(data).hexdigest()
+
+
+def export_records(
+    pages: Iterator[list[dict[str, Any]]], out: Path, *, segment_records: int = 10_000
+) -> dict[str, Any]:
+    """Write records (pages in seq order) as JSONL segments plus `manifest.json`; returns the manifest.
+
+    Files are created exclusively and made read-only: an export never overwrites another."""
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "manifest.json").exists():
+        raise FileExistsError(f"{out} already holds an export (manifest.json); choose an empty folder")
+    segments: list[dict[str, Any]] = []
+    current: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if not current:
+            return
+        first, last = current[0], current[-1]
+        name = f"audit-{first['seq']:012d}-{last['seq']:012d}.jsonl"
+        data = b"".join(orjson.dumps(record, option=orjson.OPT_SORT_KEYS) + b"\n" for record in current)
+        segments.append(
+            {
+                "file": name,
+                "first_seq": first["seq"],
+                "last_seq": last["seq"],
+                "records": len(current),
+                "first_prev_hash": first["prev_hash"],
+                "last_hash": last["hash"],
+                "sha256": _write_once(out / name, data),
+            }
+        )
+        current.clear()
+
+    for page in pages:
+        for record in page:
+            current.append(record)
+            if len(current) >= segment_records:
+                flush()
+    flush()
+    manifest = {
+        "format": EXPORT_FORMAT,
+        "exported_at": _iso(utcnow()) + "Z",
+        "first_seq": segments[0]["first_seq"] if segments else None,
+        "last_seq": segments[-1]["last_seq"] if segments else None,
+        "records": sum(s["records"] for s in segments),
+        "last_hash": segments[-1]["last_hash"] if segments else None,
+        "segments": segments,
+    }
+    body = orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    manifest["manifest_sha256"] = _write_once(out / "manifest.json", body)
+    return manifest
+
+
+def db_pages(db: Database, after_seq: int = 0, page: int = 5000) -> Iterator[list[dict[str, Any]]]:
+    while True:
+        records = records_after(db, after_seq, page)
+        if not records:
+            return
+        yield records
+        after_seq = records[-1]["seq"]
+
+
+def verify_export(folder: Path) -> VerifyResult:
+    """Check an export folder offline: file hashes against the manifest and the chain inside."""
+    try:
+        manifest = orjson.loads((folder / "manifest.json").read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        return VerifyResult(False, 0, 0, [f"cannot read {folder / 'manifest.json'}: {exc}"], None)
+    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+        return VerifyResult(False, 0, 0, [f"{folder}/manifest.json is not a Plinth audit export"], None)
+    segments = manifest.get("segments") or []
+    checker: _Checker | None = None
+    for segment in segments:
+        path = folder / str(segment["file"])
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return VerifyResult(False, 0, 0, [f"segment {segment['file']}: {exc}"], segment.get("first_seq"))
+        if checker is None:
+            # An incremental export starts mid-chain: trust its first link, check everything after.
+            checker = _Checker(int(segment["first_seq"]), str(segment["first_prev_hash"]))
+        if hashlib.sha256(data).hexdigest() != segment["sha256"]:
+            checker._bad(
+                int(segment["first_seq"]), f"segment {segment['file']}: sha256 differs from the manifest"
+            )
+        for line in data.splitlines():
+            if line.strip():
+                checker.check(orjson.loads(line))
+    if checker is None:
+        return VerifyResult(True, 0, 0, [], None)
+    if manifest.get("last_hash") != checker.prev:
+        checker._bad(checker.expected, "the last record's hash differs from the manifest (records removed)")
+    last = int(manifest.get("last_seq") or 0)
+    return VerifyResult(not checker.problems, checker.count, last, checker.problems, checker.first_bad)
+
+
+# --- the log ---------------------------------------------------------------------------------------
+
+
+class AuditLog:
+    """Admin actions written at once (in the caller's thread); decisions buffered and batched."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        interval_s: float = 0.1,
+        batch_size: int = 500,
+        max_buffer: int = 100_000,
+    ) -> None:
+        self.db = db
+        self.interval_s = interval_s
+        self.batch_size = batch_size
+        self.max_buffer = max_buffer
+        self._buffer: deque[Entry] = deque()
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+        self.dropped = 0
+
+    # --- admin actions (blocking; admin handlers run in worker threads) --------------------------
+
+    def record_admin_action(
+        self,
+        actor: str,
+        action: str,
+        *,
+        target: str | None = None,
+        outcome: str = "ok",
+        reason: str | None = None,
+        request_id: str | None = None,
+        detail: dict[str, Any] | None = None,
+        session: Session | None = None,
+    ) -> None:
+        """Record one admin action; inside `session` when given (atomic with the change itself)."""
+        entry = Entry("admin", actor, action, outcome, target, reason, request_id, (), detail or {})
+        if session is not None:
+            append(session, [entry])
+            return
+        with self.db.engine.begin() as connection:
+            append(connection, [entry])
+
+    # --- decisions (hot path: O(1), no I/O) ------------------------------------------------------
+
+    def record_decision(
+        self,
+        request_id: str,
+        principal: Principal | None,
+        decision: Decision,
+        *,
+        caller_region: str | None = None,
+        entity_types: Sequence[str] = (),
+    ) -> None:
+        """Queue the record of one decision; never blocks (the oldest is dropped when full)."""
+        buffer = self._buffer
+        if len(buffer) >= self.max_buffer:
+            buffer.popleft()
+            self._count_dropped(1)
+        detail: dict[str, Any] = {
+            "data_class": decision.data_class.value,
+            "deployments": list(decision.deployments),
+            "policy_set": decision.policy_set[:16],
+        }
+        if caller_region:
+            detail["caller_region"] = caller_region
+        if entity_types:
+            detail["entity_types"] = sorted(entity_types)
+        if decision.excluded:
+            detail["excluded"] = {e.deployment: e.rule for e in decision.excluded}
+        if principal is not None:
+            detail["team"] = principal.team_id
+            if principal.environment:
+                detail["environment"] = principal.environment
+        actor = principal.key_id or principal.name if principal is not None else "-"
+        buffer.append(
+            Entry(
+                "decision",
+                actor,
+                decision.action,
+                decision.outcome,
+                decision.model,
+                decision.message,
+                request_id,
+                decision.policy_ids,
+                detail,
+                utcnow(),
+            )
+        )
+        if len(buffer) >= self.batch_size and not self._wake.is_set():
+            self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._stop = asyncio.Event()
+            self._task = asyncio.create_task(self._run(), name="plinth-audit-writer")
+
+    async def _run(self) -> None:
+        delay = self.interval_s
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for((self._stop if self._failing else self._wake).wait(), delay)
+            if self._stop.is_set():
+                return
+            self._wake.clear()
+            delay = self.interval_s if await self.flush() else min(5.0, delay * 2)
+
+    async def flush(self) -> bool:
+        """Write everything buffered, batch by batch; False when the database refused a batch."""
+        while self._buffer:
+            batch = [self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
+            try:
+                await asyncio.to_thread(self._write, batch)
+            except Exception as exc:
+                self._buffer.extendleft(reversed(batch))
+                while len(self._buffer) > self.max_buffer:
+                    self._buffer.pop()
+                    self._count_dropped(1)
+                if not self._failing:
+                    log.error("writing audit records failed, will retry: %s", exc)
+                    self._failing = True
+                return False
+            if self._failing:
+                log.warning("writing audit records works again")
+                self._failing = False
+        return True
+
+    def _write(self, batch: list[Entry]) -> None:
+        with self.db.engine.begin() as connection:
+            append(connection, batch)
+
+    async def aclose(self, timeout_s: float = 10.0) -> None:
+        """Stop the writer after its current batch and write what is left (graceful shutdown)."""
+        if self._task is not None:
+            self._stop.set()
+            self._wake.set()
+            await self._task
+            self._task = None
+        deadline = time.monotonic() + timeout_s
+        while not await self.flush():
+            if time.monotonic() > deadline:
+                lost = len(self._buffer)
+                self._buffer.clear()
+                self._count_dropped(lost)
+                log.error("shutting down with the database unavailable: %d audit records lost", lost)
+                return
+            await asyncio.sleep(0.2)
+
+    def _count_dropped(self, n: int) -> None:
+        if n > 0:
+            self.dropped += n
+            DROPPED.inc(n)
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def verify(self) -> VerifyResult:
+        return verify(self.db)
+
+    def export(self, out: Path, *, after_seq: int = 0, segment_records: int = 10_000) -> dict[str, Any]:
+        return export_records(db_pages(self.db, after_seq), out, segment_records=segment_records)
