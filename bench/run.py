@@ -639,6 +639,7 @@ class PlinthState:
         """Every answered chat request must have exactly one usage record."""
         from sqlalchemy import func, select
 
+        from plinth.governance.models import AuditRecord
         from plinth.metering.models import UsageRecord
         from plinth.storage import Database
 
@@ -647,8 +648,17 @@ class PlinthState:
             records = session.scalar(
                 select(func.count()).select_from(UsageRecord).where(UsageRecord.route == "chat_completions")
             )
+            # Every request is decided by the policy step and the decision audited (hash chain).
+            decisions = session.scalar(
+                select(func.count()).select_from(AuditRecord).where(AuditRecord.kind == "decision")
+            )
         database.dispose()
-        return {"answered": self.answered, "records": records, "equal": records == self.answered}
+        return {
+            "answered": self.answered,
+            "records": records,
+            "equal": records == self.answered,
+            "decisions": decisions,
+        }
 
     def close(self, procs: Processes) -> None:
         if self.redis is not None:
@@ -811,7 +821,8 @@ def print_report(direct: dict[str, Any], summary: dict[str, Any], meta: dict[str
         if usage:
             verdict = "one each" if usage["equal"] else "MISMATCH"
             print(
-                f"{'':14}usage records: {usage['records']:,} for {usage['answered']:,} answered requests ({verdict})"
+                f"{'':14}usage records: {usage['records']:,} for {usage['answered']:,} answered requests ({verdict}); "
+                f"audited policy decisions: {usage.get('decisions', 0):,}"
             )
     for w, cmp in summary["comparisons"].items():
         print()

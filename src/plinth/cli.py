@@ -61,12 +61,14 @@ def _load(config_path: Path | None) -> PlinthConfig:
 def _check_deployments(settings: PlinthConfig) -> None:
     """Build every provider once, so a bad deployment fails here and not in a worker."""
     from plinth.governance.policy import PolicyError, PolicySource, load_policies
+    from plinth.guardrails.engine import validate as validate_guardrails
     from plinth.providers.http import HttpClient
     from plinth.routing import Router
 
     try:
         Router(settings, HttpClient())
         load_policies(PolicySource(settings.governance.policies))  # a bad policy file stops here too
+        validate_guardrails(settings.guardrails)  # every guardrail profile, scanner options included
     except (ConfigError, PolicyError) as exc:
         err.print(f"[red]Configuration error[/red]\n{exc}", highlight=False)
         raise typer.Exit(2) from None

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from plinth.governance.config import GovernanceConfig
+from plinth.guardrails.config import GuardrailsConfig
 
 ProviderType = Literal["openai", "azure", "openai_compatible", "anthropic", "bedrock", "gemini", "local"]
 RoutingStrategy = Literal["priority", "weighted", "latency", "least_busy"]
@@ -185,6 +186,8 @@ class PlinthConfig(_Strict):
     keys: list[StaticKeyConfig] = Field(default_factory=list)
     # Model hub, provider reviews, policies, audit (docs/governance.md); empty: built-in default policy.
     governance: GovernanceConfig = GovernanceConfig()
+    # Input and output scanners in profiles (docs/guardrails.md); no default profile: nothing scanned.
+    guardrails: GuardrailsConfig = GuardrailsConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> PlinthConfig:

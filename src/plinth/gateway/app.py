@@ -37,6 +37,10 @@ from plinth.gateway.pipeline import (
     new_context,
 )
 from plinth.governance.api import GovernanceAdmin
+from plinth.governance.audit import AuditLog
+from plinth.governance.engine import Governance
+from plinth.guardrails.engine import Guardrails
+from plinth.guardrails.events import EventRecorder
 from plinth.limits import build_limiter
 from plinth.metering import PriceBook, UsageRecorder
 from plinth.observability import metrics
@@ -139,6 +143,10 @@ def create_app(settings: AppSettings) -> Starlette:
     redis_url = config.redis.url.get_secret_value() if config.redis.url is not None else None
     budgets = create_budgets(database, usage.prices, redis_url)  # same prices as the usage records
     cache = build_cache(config, router)  # None when cache.enabled is false
+    audit_log = AuditLog(database)  # policy decisions, written in batches off the hot path
+    governance = Governance(config, database)  # catalog, reviews, kill switches, policies in memory
+    guardrail_events = EventRecorder(database)
+    guardrails = Guardrails.from_config(config.guardrails, guardrail_events)  # None: nothing to scan
     gateway = Gateway(
         router,
         keys,
@@ -146,6 +154,9 @@ def create_app(settings: AppSettings) -> Starlette:
         usage=usage,
         admissions=Admissions([limiter, budgets]),
         cache=cache,
+        guardrails=guardrails,
+        governance=governance,
+        audit=audit_log,
     )
     state = {"ready": False}
 
@@ -167,8 +178,7 @@ def create_app(settings: AppSettings) -> Starlette:
         created = int(time.time())
         data = [
             {"id": route.name, "object": "model", "created": created, "owned_by": route.config.owned_by}
-            for route in router.all_routes()
-            if principal.may_use(route.name)
+            for route in governance.visible_models(principal, router.all_routes())
         ]
         body = orjson.dumps({"object": "list", "data": data})
         return Response(body, 200, {"x-request-id": ctx.request_id}, "application/json")
@@ -217,6 +227,9 @@ def create_app(settings: AppSettings) -> Starlette:
             database_keys.follow(config.storage.key_refresh_s), name="plinth-key-refresh"
         )
         usage.start()
+        audit_log.start()
+        governing = asyncio.create_task(governance.follow(), name="plinth-governance-refresh")
+        guardrail_events.start()
         budgets.start(config.storage.key_refresh_s)
         # Everything built so far lives as long as the process: keep it out of the cyclic GC's
         # scans, which otherwise grow with every imported library and show up as latency spikes.
@@ -231,13 +244,15 @@ def create_app(settings: AppSettings) -> Starlette:
             yield
         finally:
             state["ready"] = False
-            for task in (warming, following):
+            for task in (warming, following, governing):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await router.aclose()
             await http.aclose()
             await usage.aclose()  # write every buffered usage record before the database closes
+            await audit_log.aclose()  # and every buffered decision record
+            await guardrail_events.aclose()
             await limiter.aclose()
             await budgets.aclose()  # settlements in flight and pending budget events
             if cache is not None:
@@ -246,7 +261,7 @@ def create_app(settings: AppSettings) -> Starlette:
 
     # Later parts of the product (governance, knowledge bases, ...) add their admin operations here.
     admin_extensions: list[AdminExtension] = []
-    admin_extensions.append(GovernanceAdmin(database, config))  # model hub, approvals, kill switch, audit
+    admin_extensions.append(GovernanceAdmin(database, config, governance))  # hub, approvals, kill, audit
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -268,6 +283,8 @@ def create_app(settings: AppSettings) -> Starlette:
     app.state.usage = usage
     app.state.budgets = budgets
     app.state.cache = cache
+    app.state.guardrails = guardrails
+    app.state.guardrail_events = guardrail_events
     return app
 
 

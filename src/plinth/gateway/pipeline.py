@@ -23,6 +23,9 @@ from plinth.cache import CachePlan, ResponseCache, canonical
 from plinth.gateway import openai_protocol
 from plinth.gateway.admission import Admissions, Call, Hold, Outcome, settle
 from plinth.gateway.errors import GatewayError
+from plinth.governance.audit import AuditLog
+from plinth.governance.engine import DATA_CLASS_HEADER, REGION_HEADER, Decision, Governance
+from plinth.guardrails.engine import Guard, Guardrails
 from plinth.metering.recorder import UsageRecorder
 from plinth.observability import metrics
 from plinth.providers.base import ChatStream, ProviderError
@@ -136,6 +139,9 @@ class Gateway:
         usage: UsageRecorder | None = None,
         admissions: Admissions | None = None,
         cache: ResponseCache | None = None,
+        guardrails: Guardrails | None = None,
+        governance: Governance | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.router = router
         self.keys = keys
@@ -143,6 +149,9 @@ class Gateway:
         self.usage = usage
         self.admissions = admissions or Admissions([])
         self.cache = cache  # None: caching disabled in the config
+        self.guardrails = guardrails  # None: no guardrail profile can apply (nothing scanned)
+        self.governance = governance  # None: no policy step (library use without a configuration)
+        self.audit = audit  # where decisions are recorded (governance.audit_decisions)
 
     async def admit(
         self, ctx: RequestContext, principal: Principal, route: ModelRoute, chat: ChatRequest | None
@@ -164,6 +173,49 @@ class Gateway:
             if hold.headers:
                 ctx.admission_headers = {**(ctx.admission_headers or {}), **hold.headers}
         return ctx.holds
+
+    def guard_input(
+        self, request: Request, ctx: RequestContext, principal: Principal, chat: ChatRequest
+    ) -> Guard | None:
+        """Guardrails on the input (step 4); None when no profile applies (no cost beyond this call)."""
+        if self.guardrails is None:
+            return None
+        session = request.headers.get("x-plinth-session-id")
+        return self.guardrails.check_input(chat, principal, ctx.model_label, ctx.request_id, session)
+
+    def authorize(
+        self,
+        request: Request,
+        ctx: RequestContext,
+        principal: Principal,
+        route: ModelRoute,
+        action: str,
+        guard: Guard | None = None,
+    ) -> Decision | None:
+        """Policy (step 4): the request's classification (key, header, guardrail findings) and the
+        caller's region decide which deployments may receive it; a refusal is a 403 naming the rule.
+        In memory: decisions are memoised per key and request shape until something changes."""
+        governance = self.governance
+        if governance is None:
+            return None
+        findings = guard.input if guard is not None else None
+        level = governance.request_class(
+            principal,
+            request.headers.get(DATA_CLASS_HEADER),
+            findings.data_class if findings is not None else None,
+        )
+        region = governance.caller_region(request.headers.get(REGION_HEADER))
+        types = findings.entity_types if findings is not None else frozenset()
+        decision = governance.decide(
+            principal, action, route.name, route.deployment_names, level, region, types, ctx.metered_model
+        )
+        if self.audit is not None and governance.settings.audit_decisions:
+            self.audit.record_decision(
+                ctx.request_id, principal, decision, caller_region=region, entity_types=sorted(types)
+            )
+        if not decision.allowed:
+            raise decision.error()
+        return decision
 
     def authenticate(self, request: Request, *, allow_x_api_key: bool) -> Principal:
         presented: str | None = None
@@ -315,7 +367,12 @@ async def handle_chat(gateway: Gateway, request: Request, protocol: ChatProtocol
         route = gateway.resolve(chat.model, principal, "chat")
         ctx.model_label = route.name
         ctx.metered_model = chat.model
-        # 4. Policy and guardrails plug in here (governance, guardrails).
+        # 4. Guardrails scan the input and rewrite `chat` (masks, pseudonyms) or refuse it naming
+        #    the rule (docs/guardrails.md). Then policy: may this data go to this model, and through
+        #    which deployments (docs/governance.md)? Findings raise the request's classification.
+        guard = gateway.guard_input(request, ctx, principal, chat)
+        decision = gateway.authorize(request, ctx, principal, route, "invoke", guard)
+        allowed = decision.deployments if decision is not None and decision.excluded else None
         # 4b. Response cache, only when the key or request opted in (docs/caching.md). Before
         #     admission: a hit reserves no limits or budgets and never reaches the upstream.
         plan = gateway.cache.plan(request.headers, principal, chat) if gateway.cache is not None else None
@@ -327,8 +384,10 @@ async def handle_chat(gateway: Gateway, request: Request, protocol: ChatProtocol
         await gateway.admit(ctx, principal, route, chat)
         # 6. Route to a deployment and call the provider, with retries and fallback.
         if chat.stream:
-            return await _stream(gateway, chat, route, ctx, protocol, plan)
-        answer = await gateway.router.chat(route, chat, ctx.attempt)
+            return await _stream(gateway, chat, route, ctx, protocol, plan, guard, allowed)
+        answer = await gateway.router.chat(route, chat, ctx.attempt, allowed)
+        if guard is not None:
+            answer = guard.check_response(answer)  # output checks, then pseudonyms restored
     except (GatewayError, ProviderError) as exc:
         err = as_gateway_error(exc)
         meter_request(gateway, ctx, endpoint, err.status, None)
@@ -368,9 +427,13 @@ async def _stream(
     ctx: RequestContext,
     protocol: ChatProtocol,
     plan: CachePlan | None = None,
+    guard: Guard | None = None,
+    allowed: tuple[str, ...] | None = None,
 ) -> Response:
     # Fallback is possible until the first event: the router returns only once it has one.
-    stream, first = await gateway.router.stream_chat(route, chat, ctx.attempt)
+    stream, first = await gateway.router.stream_chat(route, chat, ctx.attempt, allowed)
+    if guard is not None:
+        first = guard.stream_guard().wrap(stream, first)  # scanned in windows, bounded hold-back
     encoder = protocol.stream_encoder(chat, stream)
     headers = response_headers(ctx, protocol.endpoint)
     if plan is not None and gateway.cache is not None:
@@ -438,8 +501,10 @@ async def handle_embeddings(gateway: Gateway, request: Request, endpoint: Endpoi
         ctx.model_label = route.name
         ctx.metered_model = embed.model
         # Policy, limits and budgets apply here too: embeddings are model calls like any other.
+        decision = gateway.authorize(request, ctx, principal, route, "embed")
+        allowed = decision.deployments if decision is not None and decision.excluded else None
         await gateway.admit(ctx, principal, route, None)
-        answer = await gateway.router.embed(route, embed, ctx.attempt)
+        answer = await gateway.router.embed(route, embed, ctx.attempt, allowed)
     except (GatewayError, ProviderError) as exc:
         err = as_gateway_error(exc)
         meter_request(gateway, ctx, endpoint, err.status, None)

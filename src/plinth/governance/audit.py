@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from prometheus_client import Counter
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.orm import Session
 
 from plinth.governance.models import AuditHead, AuditRecord
 from plinth.storage import Database, utcnow
+from plinth.storage.background import run_in_background
 
 if TYPE_CHECKING:
     from plinth.governance.engine import Decision
@@ -151,9 +152,37 @@ def append(connection: Connection | Session, entries: Sequence[Entry]) -> int:
         row = _row(seq, entry, prev, now)
         prev = row["hash"]
         rows.append(row)
-    connection.execute(insert(AuditRecord), rows)
+    _insert_rows(connection if isinstance(connection, Connection) else connection.connection(), rows)
     connection.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=seq, hash=prev))
     return seq
+
+
+_COLUMNS = ("seq", "created_at", "kind", "actor", "action", "target", "outcome", "reason", "request_id",
+            "policy_ids", "detail", "prev_hash", "hash")  # fmt: skip
+
+
+def _insert_rows(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    """One DB-API executemany. Not `insert(AuditRecord)`: its per-row JSON and type processing cost
+    25-35 µs a record (measured, 1,000 decisions), which at gateway rates kept the low-priority
+    writer thread behind and let its buffer grow; this way it is about a third of that."""
+    sqlite = connection.dialect.name == "sqlite"
+    mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
+    values = [
+        tuple(
+            orjson.dumps(row[c]).decode()
+            if c in ("policy_ids", "detail")
+            else row[c].strftime("%Y-%m-%d %H:%M:%S.%f")  # SQLAlchemy's own DateTime format on SQLite
+            if c == "created_at" and sqlite
+            else row[c]
+            for c in _COLUMNS
+        )
+        for row in rows
+    ]
+    sql = (
+        f"INSERT INTO {AuditRecord.__tablename__} ({', '.join(_COLUMNS)}) "
+        f"VALUES ({', '.join([mark] * len(_COLUMNS))})"
+    )
+    connection.exec_driver_sql(sql, values)
 
 
 @dataclass(slots=True)
@@ -474,7 +503,7 @@ class AuditLog:
         while self._buffer:
             batch = [self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
             try:
-                await asyncio.to_thread(self._write, batch)
+                await run_in_background(self._write, batch)  # low priority: requests go first
             except Exception as exc:
                 self._buffer.extendleft(reversed(batch))
                 while len(self._buffer) > self.max_buffer:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Container
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from plinth.config.loader import ConfigError
 from plinth.config.schema import DeploymentConfig, ModelConfig, PlinthConfig, RoutingConfig
+from plinth.gateway.errors import GatewayError
 from plinth.providers.base import ChatStream, Provider, ProviderError
 from plinth.providers.http import HttpClient
 from plinth.providers.registry import UnknownProvider, provider_class
@@ -84,6 +85,10 @@ class ModelRoute:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def deployment_names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.deployments)
 
     def upstream_model(self, deployment: Deployment, requested: str) -> str:
         if deployment.config.model == "*" and self.wildcard_prefix is not None:
@@ -203,8 +208,15 @@ class Router:
         route: ModelRoute,
         attempt_info: Attempt,
         call: Callable[[Deployment], Awaitable[T]],
+        allowed: Container[str] | None = None,
     ) -> T:
         order = route.order()
+        if allowed is not None:  # governance: only the deployments that may receive this request
+            order = [d for d in order if d.name in allowed]
+            if not order:
+                raise GatewayError(
+                    403, f"No deployment of '{route.name}' may receive this request.", code="policy_denied"
+                )
         attempts_left = route.routing.retries + 1
         broken: list[Deployment] = []  # cannot serve this request at all: skip, do not retry
         position = 0
@@ -253,17 +265,19 @@ class Router:
 
     # --- operations ----------------------------------------------------------------------------
 
-    async def chat(self, route: ModelRoute, request: ChatRequest, attempt: Attempt) -> ChatResponse:
+    async def chat(
+        self, route: ModelRoute, request: ChatRequest, attempt: Attempt, allowed: Container[str] | None = None
+    ) -> ChatResponse:
         async def call(dep: Deployment) -> ChatResponse:
             upstream = route.upstream_model(dep, request.model)
             if request.n > 1 and not dep.provider.supports_n:
                 return await _fan_out_chat(dep.provider, request, upstream)
             return await dep.provider.chat(request, upstream)
 
-        return await self._run(route, attempt, call)
+        return await self._run(route, attempt, call, allowed)
 
     async def stream_chat(
-        self, route: ModelRoute, request: ChatRequest, attempt: Attempt
+        self, route: ModelRoute, request: ChatRequest, attempt: Attempt, allowed: Container[str] | None = None
     ) -> tuple[ChatStream, StreamEvent]:
         """Open a stream and read its first event; fall back to another deployment until then."""
 
@@ -283,15 +297,19 @@ class Router:
                 raise
             return stream, first
 
-        return await self._run(route, attempt, call)
+        return await self._run(route, attempt, call, allowed)
 
     async def embed(
-        self, route: ModelRoute, request: EmbeddingRequest, attempt: Attempt
+        self,
+        route: ModelRoute,
+        request: EmbeddingRequest,
+        attempt: Attempt,
+        allowed: Container[str] | None = None,
     ) -> EmbeddingResponse:
         async def call(dep: Deployment) -> EmbeddingResponse:
             return await dep.provider.embed(request, route.upstream_model(dep, request.model))
 
-        return await self._run(route, attempt, call)
+        return await self._run(route, attempt, call, allowed)
 
 
 async def _counted_in_flight(

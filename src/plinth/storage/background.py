@@ -3,9 +3,10 @@
 The batch writers run beside the event loop in the same process, and so on the same CPU cores. In a
 worker thread of normal priority a 150-row insert takes the core away from the event loop for a few
 milliseconds, which showed as the 1-connection p99 (4.1 ms against 1.1 ms with the writer stopped).
-Here the thread runs at a lower OS priority (nice +10, Linux sets it per thread): the kernel lets the
+Here the thread runs at a lower OS priority (nice +5, Linux sets it per thread): the kernel lets the
 event loop preempt it as soon as a request arrives, while under full load it still gets about a
-tenth of a contended core, far more than the writes need.
+quarter of a contended core. (+10, a tenth, was too little once decisions were audited too: under
+saturation the buffers grew.)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-NICE_INCREMENT = 10
+NICE_INCREMENT = 5
 
 _executor: ThreadPoolExecutor | None = None
 _lock = threading.Lock()

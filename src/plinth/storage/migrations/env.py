@@ -6,6 +6,7 @@ from alembic import context
 
 import plinth.budgets.models
 import plinth.governance.models
+import plinth.guardrails.models
 import plinth.metering.models
 import plinth.tenancy.models  # noqa: F401  (registers the tables on Base.metadata)
 from plinth.storage import Base

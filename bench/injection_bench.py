@@ -1,0 +1,161 @@
+"""Prompt-injection detector: cross-validated quality on deepset/prompt-injections and scorer latency.
+
+    .venv/bin/python bench/injection_bench.py            # 3 x stratified 5-fold, ~1-2 minutes
+    .venv/bin/python bench/injection_bench.py --repeats 1
+
+Protocol (never tests on a training row): the 408 rows of `../shared/data/injection/deepset_dev.jsonl`
+are split by stratified 5-fold cross-validation, repeated with different shuffles. For each fold a
+fresh model is trained with `train()` from `scripts/train_injection_classifier.py` (the code that
+trains the shipped model, including its own inner cross-validation that picks the threshold) on the
+other four folds plus `scripts/data/injection_supplement.jsonl` (written for Plinth; never tested
+on). The held-out fold is scored by the run-time `InjectionScanner` path: the pure-Python scorer of
+the exported weights (worst window) and the rules.
+
+Printed: ROC AUC and TPR at FPR <= 0.05 of the pooled out-of-fold scores (classifier alone, rules
+alone, both as shipped), the threshold that reaches FPR 0.05 on those scores, the TPR/FPR actually
+obtained with each fold's own threshold (chosen on its training rows only), and the per-text latency
+of the shipped scorer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.model_selection import StratifiedKFold
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = (ROOT / ".." / "shared" / "data" / "injection" / "deepset_dev.jsonl").resolve()
+SUPPLEMENT = ROOT / "scripts" / "data" / "injection_supplement.jsonl"
+TARGET_FPR = 0.05
+
+
+def load_trainer() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "train_injection_classifier", ROOT / "scripts" / "train_injection_classifier.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, max_fpr: float) -> tuple[float, float, float]:
+    """Best TPR with FPR <= max_fpr on the ROC curve, that FPR, and the threshold reaching it."""
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    ok = np.where(fpr <= max_fpr)[0]
+    best = ok[np.argmax(tpr[ok])]
+    return float(tpr[best]), float(fpr[best]), float(thresholds[best])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="prompt-injection benchmark")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-supplement", action="store_true", help="train on the deepset folds only")
+    args = parser.parse_args()
+    if not args.data.is_file():
+        print(f"injection_bench: no such file: {args.data}", file=sys.stderr)
+        return 2
+
+    from plinth.guardrails.detectors.injection import (
+        RULE_SCORE,
+        InjectionClassifier,
+        InjectionScanner,
+        rule_matches,
+    )
+
+    trainer = load_trainer()
+    texts, labels = trainer.load_jsonl(args.data)
+    extra_x, extra_y = ([], []) if args.no_supplement else trainer.load_jsonl(SUPPLEMENT)
+    x = np.array(texts, dtype=object)
+    y = np.array(labels)
+    rules = np.array([RULE_SCORE if rule_matches(t) else 0.0 for t in texts])
+
+    pooled: dict[str, list[float]] = {"classifier": [], "rules": [], "combined": []}
+    pooled_y: list[int] = []
+    realized = {"tp": 0, "fp": 0, "pos": 0, "neg": 0}
+    thresholds: list[float] = []
+    started = time.perf_counter()
+    for repeat in range(args.repeats):
+        splitter = StratifiedKFold(args.folds, shuffle=True, random_state=repeat)
+        for train_idx, test_idx in splitter.split(x, y):
+            exported = trainer.train(list(x[train_idx]) + extra_x, list(y[train_idx]) + extra_y)
+            scanner = InjectionScanner(model=InjectionClassifier.from_dict(exported))
+            assert scanner.model is not None
+            for i in test_idx:
+                p = scanner.model.worst_window(texts[i]).probability
+                pooled["classifier"].append(p)
+                pooled["rules"].append(rules[i])
+                pooled["combined"].append(max(p, rules[i]))
+                pooled_y.append(int(y[i]))
+                flagged = p >= scanner.threshold or rules[i] > 0
+                if y[i] == 1:
+                    realized["pos"] += 1
+                    realized["tp"] += int(flagged)
+                else:
+                    realized["neg"] += 1
+                    realized["fp"] += int(flagged)
+            thresholds.append(scanner.threshold)
+    elapsed = time.perf_counter() - started
+    labels_arr = np.array(pooled_y)
+
+    print(
+        f"data: {args.data.name}: {len(texts)} rows ({int(y.sum())} injections), "
+        f"{args.repeats} x stratified {args.folds}-fold, "
+        f"training adds {'nothing' if args.no_supplement else f'{len(extra_x)} supplement rows'}; {elapsed:.0f} s"
+    )
+    print(f"{'scores':<12} {'ROC AUC':>8} {'TPR@FPR<=0.05':>14} {'(FPR)':>7} {'threshold':>10}")
+    for name, scores in pooled.items():
+        s = np.array(scores)
+        auc = roc_auc_score(labels_arr, s)
+        tpr, fpr, th = tpr_at_fpr(labels_arr, s, TARGET_FPR)
+        print(f"{name:<12} {auc:>8.4f} {tpr:>14.4f} {fpr:>7.4f} {th:>10.4f}")
+    print(
+        f"as shipped, each fold's own threshold (mean {statistics.mean(thresholds):.4f}, "
+        f"range {min(thresholds):.4f}-{max(thresholds):.4f}) and the rules: "
+        f"TPR {realized['tp'] / realized['pos']:.4f}, FPR {realized['fp'] / realized['neg']:.4f}"
+    )
+
+    shipped = InjectionScanner()
+    assert shipped.model is not None
+    print(
+        f"shipped model: {len(shipped.model)} features, threshold {shipped.threshold:.4f} "
+        f"(indirect {shipped.indirect_threshold:.4f}); trained on "
+        + ", ".join(f"{d['file']} ({d['rows']})" for d in shipped.model.info.get("data", []))
+    )
+    for _ in range(2):  # warm caches
+        for t in texts:
+            shipped.score(t)
+    per_text: list[float] = []
+    for t in texts:
+        t0 = time.perf_counter()
+        shipped.score(t)
+        per_text.append((time.perf_counter() - t0) * 1000)
+    per_text.sort()
+    lengths = sorted(len(t) for t in texts)
+    long_doc = " ".join(texts[i % len(texts)] for i in range(400))[:20_000]
+    t0 = time.perf_counter()
+    shipped.score(long_doc)
+    long_ms = (time.perf_counter() - t0) * 1000
+    print(
+        f"latency per text (classifier + rules, one core, texts of median {lengths[len(lengths) // 2]} chars): "
+        f"mean {statistics.mean(per_text):.2f} ms, p50 {per_text[len(per_text) // 2]:.2f} ms, "
+        f"p95 {per_text[int(len(per_text) * 0.95)]:.2f} ms, max {per_text[-1]:.2f} ms; "
+        f"a 20,000-char document: {long_ms:.1f} ms"
+    )
+    print(json.dumps({"bench": "injection", "rows": len(texts), "repeats": args.repeats}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

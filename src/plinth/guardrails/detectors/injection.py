@@ -1,0 +1,248 @@
+"""Prompt-injection and jailbreak detection: a shipped classifier plus hand-written rules.
+
+- The classifier is TF-IDF over character 1-5 grams and a logistic regression, trained by
+  `scripts/train_injection_classifier.py` on deepset/prompt-injections (Apache-2.0). Its weights
+  ship in this package (`injection_model.json.gz`, loaded once per process) and are scored here in
+  pure Python: no scikit-learn or numpy at run time, about a millisecond per short prompt.
+- Rules (`injection_rules.py`) catch the well-known phrasings exactly and name them.
+- Indirect injection: text that came from retrieval or a tool (`ScanContext.source`) is held to the
+  lower `indirect_threshold` (by default the threshold aimed at 15% instead of 8% false positives
+  in the training script's inner cross-validation), because instructions have no business appearing
+  there at all.
+- Findings: `PROMPT_INJECTION` with rule `injection.rule.<id>` (score 0.95) or
+  `injection.classifier` (score 0.5 at the threshold in force, rising to 1.0; see `confidence`).
+- The system prompt (`Source.SYSTEM`) is the operator's own instructions, which read exactly like
+  an injection ("You are... never reveal..."): it is skipped unless `scan_system: true`.
+- Long text is scored in overlapping windows and the worst window counts, so one injected paragraph
+  in a long page is not diluted by the rest of it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from plinth.guardrails.detectors import options as opt
+from plinth.guardrails.detectors.injection_features import ngram_counts
+from plinth.guardrails.detectors.injection_rules import RULES, Rule
+from plinth.guardrails.detectors.text import clean, span_in_original, windows
+from plinth.guardrails.types import Finding, ScanContext, Source
+
+MODEL_RESOURCE = "injection_model.json.gz"
+MODEL_FORMAT = 1
+RULE_SCORE = 0.95  # rules are precise; a rule match is reported with this confidence
+WINDOW_CHARS = 1000
+WINDOW_OVERLAP = 200
+INDIRECT_SOURCES = frozenset({Source.TOOL, Source.RETRIEVED})
+
+
+class ModelError(RuntimeError):
+    """The classifier's weights file is missing or malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    probability: float
+    start: int
+    end: int
+
+
+class InjectionClassifier:
+    """The exported TF-IDF + logistic-regression model, scored with dictionaries."""
+
+    def __init__(
+        self,
+        vocab: Mapping[str, tuple[float, float]],
+        intercept: float,
+        threshold: float,
+        threshold_sensitive: float,
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._vocab = dict(vocab)  # n-gram -> (idf, coefficient)
+        self.intercept = intercept
+        self.threshold = threshold
+        self.threshold_sensitive = threshold_sensitive
+        self.info = dict(info or {})
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InjectionClassifier:
+        if data.get("format") != MODEL_FORMAT:
+            raise ModelError(f"injection model format {data.get('format')!r}, expected {MODEL_FORMAT}")
+        try:
+            vocab = {str(g): (float(v[0]), float(v[1])) for g, v in data["vocab"].items()}
+            return cls(
+                vocab,
+                float(data["intercept"]),
+                float(data["threshold"]),
+                float(data["threshold_sensitive"]),
+                info=data.get("training") or {},
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ModelError(f"injection model is malformed: {exc!r}") from None
+
+    @classmethod
+    def packaged(cls) -> InjectionClassifier:
+        """The model shipped in this package, loaded once per process."""
+        global _PACKAGED
+        if _PACKAGED is None:
+            with _LOAD_LOCK:
+                if _PACKAGED is None:
+                    _PACKAGED = cls.load_resource()
+        return _PACKAGED
+
+    @classmethod
+    def load_resource(cls) -> InjectionClassifier:
+        resource = resources.files("plinth.guardrails.detectors").joinpath(MODEL_RESOURCE)
+        try:
+            raw = resource.read_bytes()
+        except FileNotFoundError:
+            raise ModelError(
+                f"{MODEL_RESOURCE} is missing from the plinth package; reinstall plinth"
+            ) from None
+        return cls.from_dict(json.loads(gzip.decompress(raw)))
+
+    def __len__(self) -> int:
+        return len(self._vocab)
+
+    def decision(self, text: str) -> float:
+        """w . tfidf(text) + b, exactly as scikit-learn computes it (sublinear tf, smooth idf, l2 norm)."""
+        counts = ngram_counts(text)
+        vocab = self._vocab
+        dot = 0.0
+        norm = 0.0
+        for gram in counts.keys() & vocab.keys():  # set intersection runs in C; most n-grams are unknown
+            idf, coef = vocab[gram]
+            count = counts[gram]
+            value = idf if count == 1 else (1.0 + math.log(count)) * idf
+            norm += value * value
+            dot += value * coef
+        return self.intercept + (dot / math.sqrt(norm) if norm > 0.0 else 0.0)
+
+    def probability(self, text: str) -> float:
+        z = self.decision(text)
+        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+    def worst_window(self, text: str, size: int = WINDOW_CHARS, overlap: int = WINDOW_OVERLAP) -> Window:
+        """The highest-scoring window of `text` (the whole text when it is short)."""
+        best = Window(0.0, 0, len(text))
+        for start, end in windows(text, size, overlap):
+            p = self.probability(text[start:end])
+            if p > best.probability:
+                best = Window(p, start, end)
+        return best
+
+
+_PACKAGED: InjectionClassifier | None = None
+_LOAD_LOCK = threading.Lock()
+
+
+def rule_matches(text: str, rules: tuple[Rule, ...] = RULES) -> list[tuple[Rule, int, int]]:
+    """Every rule that matches, with the span of its first match in `text`."""
+    cleaned = clean(text)
+    found: list[tuple[Rule, int, int]] = []
+    for rule in rules:
+        match = rule.pattern.search(cleaned)
+        if match is not None:
+            start, end = span_in_original(text, cleaned, match.start(), match.end())
+            found.append((rule, start, end))
+    return found
+
+
+def confidence(probability: float, threshold: float) -> float:
+    """A classifier finding's score: 0.5 at the threshold in force, 1.0 at probability 1.
+
+    The thresholds sit near 0.5 (0.46 for retrieved text): reported raw, a profile's `min_score`
+    (0.5 by default) would drop findings the scanner's own threshold accepted."""
+    if threshold >= 1.0:
+        return 1.0
+    return round(min(1.0, 0.5 + 0.5 * (probability - threshold) / (1.0 - threshold)), 4)
+
+
+class InjectionScanner:
+    """Scanner `injection`: classifier and rules on user input and on retrieved or tool content."""
+
+    name = "injection"
+    finding_type = "PROMPT_INJECTION"
+
+    def __init__(
+        self,
+        *,
+        threshold: float | None = None,
+        indirect_threshold: float | None = None,
+        rules: bool = True,
+        classifier: bool = True,
+        scan_system: bool = False,
+        model: InjectionClassifier | None = None,
+    ) -> None:
+        self.use_rules = rules
+        self.scan_system = scan_system
+        self.model = (model or InjectionClassifier.packaged()) if classifier else None
+        default = self.model.threshold if self.model else 0.5
+        sensitive = self.model.threshold_sensitive if self.model else 0.5
+        self.threshold = default if threshold is None else threshold
+        self.indirect_threshold = (
+            min(sensitive, self.threshold) if indirect_threshold is None else indirect_threshold
+        )
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> InjectionScanner:
+        opt.check_keys(
+            "injection", options, ("threshold", "indirect_threshold", "rules", "classifier", "scan_system")
+        )
+        scanner = cls(
+            threshold=opt.optional_number("injection", options, "threshold", 0.0, 1.0),
+            indirect_threshold=opt.optional_number("injection", options, "indirect_threshold", 0.0, 1.0),
+            rules=opt.boolean("injection", options, "rules", True),
+            classifier=opt.boolean("injection", options, "classifier", True),
+            scan_system=opt.boolean("injection", options, "scan_system", False),
+        )
+        if not scanner.use_rules and scanner.model is None:
+            raise opt.ScannerOptionError("injection: 'rules' and 'classifier' cannot both be false")
+        return scanner
+
+    def threshold_for(self, ctx: ScanContext | None) -> float:
+        if ctx is not None and ctx.source in INDIRECT_SOURCES:
+            return self.indirect_threshold
+        return self.threshold
+
+    def score(self, text: str) -> float:
+        """0..1: how much `text` looks like an injection (a rule match counts as RULE_SCORE).
+
+        Reported to the session-risk scorer even when below the blocking threshold: a run of
+        borderline turns is what a multi-turn attack looks like.
+        """
+        best = self.model.worst_window(text).probability if self.model else 0.0
+        if self.use_rules and best < RULE_SCORE and rule_matches(text):
+            best = RULE_SCORE
+        return best
+
+    def scan(self, text: str, ctx: ScanContext) -> list[Finding]:
+        findings: list[Finding] = []
+        if not text or (ctx.source is Source.SYSTEM and not self.scan_system):
+            return findings
+        if self.use_rules:
+            for rule, start, end in rule_matches(text):
+                findings.append(
+                    Finding(self.finding_type, start, end, RULE_SCORE, self.name, f"injection.rule.{rule.id}")
+                )
+        if self.model is not None:
+            window = self.model.worst_window(text)
+            threshold = self.threshold_for(ctx)
+            if window.probability >= threshold:
+                findings.append(
+                    Finding(
+                        self.finding_type,
+                        window.start,
+                        window.end,
+                        confidence(window.probability, threshold),
+                        self.name,
+                        "injection.classifier",
+                    )
+                )
+        return findings

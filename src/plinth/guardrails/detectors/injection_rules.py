@@ -1,0 +1,117 @@
+"""Hand-written patterns of common prompt-injection and jailbreak phrasing (English, German, a little
+French, Spanish and Croatian), matched on folded text.
+
+Why rules beside the classifier: they are exact where the classifier is statistical. A phrase like
+"ignore all previous instructions" is an attack in any context, and a rule names it in the event
+("injection.rule.ignore_instructions") where a score would not. They were written from the well-known
+attack families (instruction override, prompt extraction, persona switch, role-tag smuggling,
+obfuscation), not fitted to the benchmark rows.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_OVERRIDE = r"(?:ignore|disregard|forget|override|bypass|overlook|abandon|neglect)"
+_QUALIFIER = r"(?:(?:all|any|every|each|the|your|my|these|those|of|previous|prior|above|earlier|preceding|foregoing|initial|original|system|former|old|given|current)\s+)+"
+_ORDERS = r"(?:instructions?|directions?|directives?|rules?|prompts?|context|orders?|tasks?|assignments?|guidelines?|commands?|constraints?|restrictions?|programming|guardrails?|polic(?:y|ies)|documents?)"
+_DE_ORDERS = (
+    r"(?:anweisung\w*|instruktion\w*|aufgabe\w*|auftr[aä]g\w*|befehl\w*|regeln|vorgaben|kontext|alles)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    id: str
+    pattern: re.Pattern[str]
+    why: str
+
+
+def _rule(rule_id: str, pattern: str, why: str) -> Rule:
+    return Rule(rule_id, re.compile(pattern, re.IGNORECASE | re.MULTILINE), why)
+
+
+RULES: tuple[Rule, ...] = (
+    _rule(
+        "ignore_instructions",
+        rf"\b{_OVERRIDE}(?:ing)?\s+{_QUALIFIER}?{_ORDERS}\b",
+        "tells the model to drop the instructions it was given",
+    ),
+    _rule(
+        "forget_everything",
+        r"\b(?:forget|ignore|disregard)\s+(?:about\s+)?(?:everything|all\s+(?:of\s+)?(?:that|this|the\s+above)"
+        r"|what\s+(?:i|we|you)\s+(?:said|told|discussed|wrote))",
+        "wipes the conversation so far",
+    ),
+    _rule(
+        "new_task",
+        r"\b(?:focus|concentrate)\s+(?:only\s+)?on\s+(?:your|the|a|this)\s+new\s+(?:task|assignment|instructions?)"
+        r"|\bnew\s+(?:task|instructions?|assignment)\s*:",
+        "replaces the task with the attacker's",
+    ),
+    _rule(
+        "reveal_prompt",
+        r"\b(?:show|print|reveal|repeat|output|display|tell|give|leak|disclose|write\s+out|spell\s+out|return)\s+"
+        r"(?:me\s+)?(?:all\s+)?(?:of\s+)?(?:your|the)\s+(?:entire\s+|full\s+|complete\s+|exact\s+)?"
+        r"(?:system\s+|initial\s+|original\s+|hidden\s+|secret\s+|previous\s+)?"
+        r"(?:prompts?(?:\s+text)?|instructions|directives|configuration|pre-?prompt)\b",
+        "asks for the system prompt or configuration",
+    ),
+    _rule(
+        "persona_switch",
+        r"\b(?:you\s+are\s+now|from\s+now\s+on,?\s+you(?:\s+are|'re|\s+will)|pretend\s+(?:that\s+)?(?:you\s+are|to\s+be)"
+        r"|act\s+as\s+if\s+you|you\s+will\s+now\s+act\s+as|roleplay\s+as|stay\s+in\s+(?:your\s+)?(?:role|character))\b",
+        "switches the assistant to another persona",
+    ),
+    _rule(
+        "jailbreak_terms",
+        r"(?-i:\bDAN\b)(?=\s*(?:mode|prompt|jailbreak|\(|,|:))|\b(?:act\s+as|you\s+are|become|called)\s+(?-i:DAN)\b|\b(?:do\s+anything\s+now|developer\s+mode|jailbreak(?:ed|ing)?|god\s*mode|unfiltered\s+mode"
+        r"|no\s+(?:restrictions|limitations|filters)|without\s+(?:any\s+)?(?:restrictions|limitations|filters|censorship))\b",
+        "names a known jailbreak",
+    ),
+    _rule(
+        "role_tags",
+        r"<\|im_(?:start|end|sep)\|>|<\|(?:system|endoftext)\|>|\[/?INST\]|<<SYS>>"
+        r"|^\s*#{2,}\s*(?:system|instruction)\b|^\s*(?:system|assistant)\s*:",
+        "smuggles chat-template role markers",
+    ),
+    _rule(
+        "spaced_letters",
+        r"(?:\b[^\W\d_]\s){8,}[^\W\d_]\b",
+        "spells words out letter by letter to slip past filters",
+    ),
+    _rule(
+        "de_ignore",
+        r"\b(?:ignorier\w*|vergiss|vergesse\w*|vergessen\s+sie|missachte\w*|[uü]bergehe\w*)\b\s+(?:\w+\s+){0,3}"
+        + _DE_ORDERS
+        + r"|\b(?:alle|die|deine|obigen|vorherigen|bisherigen)\s+(?:\w+\s+){0,2}"
+        + _DE_ORDERS
+        + r"\s+(?:\w+\s+)?(?:ignorieren|vergessen|missachten)\b",
+        "German: drop the instructions",
+    ),
+    _rule(
+        "de_new_task",
+        r"\bneue[nr]?\s+(?:aufgabe|anweisung|instruktion|auftrag)\b"
+        r"|\bkonzentriere\s+dich\s+(?:jetzt\s+|nun\s+)?auf\s+(?:deine|die)\s+neue",
+        "German: a new task",
+    ),
+    _rule(
+        "de_reveal",
+        r"\b(?:zeige?|gib|nenne|verrate|wiederhole)\s+(?:mir\s+)?(?:alle\s+)?(?:deine[n]?|die)\s+(?:\w+\s+)?"
+        r"(?:prompt\w*|anweisungen|instruktionen|systemprompt\w*)",
+        "German: reveal the prompt",
+    ),
+    _rule(
+        "de_persona",
+        r"\b(?:du\s+bist\s+(?:jetzt|nun|ab\s+sofort|ab\s+jetzt)|stell\s+dir\s+vor,?\s+du\s+bist|tu\s+so,?\s+als"
+        r"|ab\s+(?:jetzt|sofort)\s+(?:bist|wirst)\s+du|abweichend\s+(?:zu|von)\s+(?:den\s+)?(?:vorherigen|bisherigen))\b",
+        "German: persona switch or override",
+    ),
+    _rule(
+        "other_ignore",
+        r"\b(?:oubli(?:e|ez)|ignorez|olvida|ignora|olvide|zaboravi)\b\s+(?:\w+\s+){0,3}"
+        r"(?:instructions?|instrucciones|consignes|instrukcije|reglas|r[eè]gles|sve)\b",
+        "French, Spanish, Croatian: drop the instructions",
+    ),
+)

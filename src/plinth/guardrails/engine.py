@@ -1,0 +1,483 @@
+"""The guardrails engine: pick a profile for a request, scan its input, scan and restore its output.
+
+`Guardrails` is built once at start-up from the configuration; `check_input` is called at step 4 of
+the hot path and returns a per-request `Guard` (or None when no profile applies, which costs one
+dict lookup). The guard rewrites the canonical request in place (masking, pseudonyms), raises a
+`GatewayError` naming the rule when something is blocked, and later checks the answer: whole for a
+plain response, in windows for a stream (`plinth.guardrails.stream`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Counter
+
+from plinth.gateway.errors import GatewayError
+from plinth.guardrails.config import GuardrailsConfig, ScannerRef, StageConfig
+from plinth.guardrails.events import EventSink, GuardrailEvent
+from plinth.guardrails.identifiers import IdentifiersScanner
+from plinth.guardrails.profiles import OPTIONAL_SCANNERS, ActionMap, Profile, StagePlan, merged
+from plinth.guardrails.pseudonym import Pseudonymizer, random_key
+from plinth.guardrails.registry import Registry, UnknownScanner, default_registry
+from plinth.guardrails.types import ACTION_RANK, Action, Finding, ScanContext, Scanner, Source, Stage
+from plinth.providers.types import ChatRequest, ChatResponse, Message, TextPart
+from plinth.tenancy import Principal
+
+if TYPE_CHECKING:
+    from plinth.guardrails.stream import StreamGuard
+
+log = logging.getLogger("plinth.guardrails")
+
+FINDINGS = Counter(
+    "plinth_guardrail_findings",
+    "Guardrail findings acted on, by stage, rule and action.",
+    ["stage", "rule", "action"],
+)
+
+SESSION_HEADER = "x-plinth-session-id"
+DATA_CLASS_RANK = {"public": 0, "internal": 1, "confidential": 2, "restricted": 3}
+_SOURCES = {"user": Source.USER, "system": Source.SYSTEM, "assistant": Source.ASSISTANT, "tool": Source.TOOL}
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A finding that passed the profile's `min_score`, with the action the profile gives it."""
+
+    finding: Finding
+    action: Action
+    where: str  # "messages[2].content", "choices[0].message.content", ...
+
+
+def _highest(classes: Sequence[str | None]) -> str | None:
+    best: str | None = None
+    for c in classes:
+        if c is not None and (best is None or DATA_CLASS_RANK.get(c, 0) > DATA_CLASS_RANK.get(best, 0)):
+            best = c
+    return best
+
+
+@dataclass(slots=True)
+class Verdict:
+    """What one stage found. `data_class` is the highest classification among values that still
+    reach the model (allowed or flagged); `detected_class` counts masked and pseudonymized ones too."""
+
+    profile: str
+    stage: Stage
+    hits: list[Hit] = field(default_factory=list)
+
+    @property
+    def action(self) -> Action:
+        return max((h.action for h in self.hits), key=ACTION_RANK.__getitem__, default=Action.ALLOW)
+
+    @property
+    def data_class(self) -> str | None:
+        return _highest([h.finding.data_class for h in self.hits if h.action in (Action.ALLOW, Action.FLAG)])
+
+    @property
+    def detected_class(self) -> str | None:
+        return _highest([h.finding.data_class for h in self.hits])
+
+    @property
+    def entity_types(self) -> frozenset[str]:
+        return frozenset(h.finding.type for h in self.hits)
+
+
+def blocked_error(hit: Hit, stage: Stage) -> GatewayError:
+    """The caller's error: the rule and where, never the matched value."""
+    f = hit.finding
+    what = "request" if stage is Stage.INPUT else "answer"
+    return GatewayError(
+        400,
+        f"The {what} was blocked by guardrail rule '{f.rule}' ({f.type} found in {hit.where}).",
+        param=hit.where if stage is Stage.INPUT else None,
+        code="guardrail_blocked",
+    )
+
+
+def rewrite(text: str, hits: Sequence[Hit], pseudonyms: Pseudonymizer, *, restorable: bool) -> str:
+    """Replace masked and pseudonymized spans (overlaps merged; the more severe action wins)."""
+    spans = sorted(hits, key=lambda h: (h.finding.start, -h.finding.end))
+    merged: list[tuple[int, int, Hit]] = []
+    for h in spans:
+        f = h.finding
+        if merged and f.start < merged[-1][1]:
+            start, end, top = merged[-1]
+            stronger = h if ACTION_RANK[h.action] > ACTION_RANK[top.action] else top
+            merged[-1] = (start, max(end, f.end), stronger)
+        else:
+            merged.append((f.start, f.end, h))
+    out: list[str] = []
+    pos = 0
+    for start, end, h in merged:
+        out.append(text[pos:start])
+        if h.action is Action.PSEUDONYMIZE:
+            out.append(pseudonyms.placeholder(h.finding.type, text[start:end], restorable=restorable))
+        else:
+            out.append(f"[{h.finding.type}]")
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+class Guard:
+    """One request's guardrails: its profile, its pseudonyms and what was found."""
+
+    __slots__ = ("engine", "input", "model", "output", "principal", "profile", "pseudonyms", "request_id",
+                 "session_id", "system_prompt")  # fmt: skip
+
+    def __init__(
+        self,
+        engine: Guardrails,
+        profile: Profile,
+        principal: Principal | None,
+        model: str,
+        request_id: str,
+        session_id: str,
+    ) -> None:
+        self.engine = engine
+        self.profile = profile
+        self.principal = principal
+        self.model = model
+        self.request_id = request_id
+        self.session_id = session_id
+        self.pseudonyms = Pseudonymizer(engine.key, session_id)
+        self.input = Verdict(profile.name, Stage.INPUT)
+        self.output = Verdict(profile.name, Stage.OUTPUT)
+        self.system_prompt: str | None = None
+
+    # --- scanning one text -----------------------------------------------------------------------
+
+    def context(self, stage: Stage, source: Source) -> ScanContext:
+        p = self.principal
+        return ScanContext(
+            stage=stage,
+            source=source,
+            request_id=self.request_id,
+            session_id=self.session_id,
+            key_id=(p.key_id or p.name) if p is not None else None,
+            team_id=p.team_id if p is not None else None,
+            system_prompt=self.system_prompt,
+        )
+
+    def hits(self, text: str, plan: StagePlan, ctx: ScanContext, where: str) -> list[Hit]:
+        found: list[Finding] = []
+        for scanner in plan.scanners:
+            try:
+                found.extend(scanner.scan(text, ctx))
+            except Exception:
+                # Fail closed: an unscanned text must not pass. Logged without the text.
+                log.exception(
+                    "guardrail scanner %s failed on %s of request %s", scanner.name, where, self.request_id
+                )
+                raise GatewayError(
+                    500,
+                    f"Guardrail scanner '{scanner.name}' failed; the request was not processed. "
+                    f"Quote request id {self.request_id} to the operator.",
+                    code="guardrail_error",
+                ) from None
+        floor = self.profile.min_score
+        out: list[Hit] = []
+        for f in found:
+            if f.score < floor:
+                continue
+            action = plan.actions(f)
+            if action is not Action.ALLOW:
+                out.append(Hit(f, action, where))
+        return out
+
+    def scan_text(self, text: str, stage: Stage, source: Source, where: str) -> tuple[str, list[Hit]]:
+        """Scan one text; returns it rewritten (masks, pseudonyms) and what was found. Blocks are
+        returned, not raised: the caller decides (an input error, or a withheld answer)."""
+        plan = self.profile.input if stage is Stage.INPUT else self.profile.output
+        hits = self.hits(text, plan, self.context(stage, source), where)
+        if not hits:
+            return text, hits
+        (self.input if stage is Stage.INPUT else self.output).hits.extend(hits)
+        edits = [h for h in hits if h.action in (Action.MASK, Action.PSEUDONYMIZE)]
+        if edits and not any(h.action is Action.BLOCK for h in hits):
+            text = rewrite(text, edits, self.pseudonyms, restorable=stage is Stage.INPUT)
+        return text, hits
+
+    # --- input -----------------------------------------------------------------------------------
+
+    def check_request(self, chat: ChatRequest) -> None:
+        """Scan the messages the profile covers; rewrite them in place; raise when one is blocked."""
+        sources = self.profile.input.sources
+        self.system_prompt = "\n".join(m.text() for m in chat.messages if m.role == "system") or None
+        try:
+            for i, message in enumerate(chat.messages):
+                source = _SOURCES[message.role]
+                if source in sources:
+                    self._check_message(message, source, f"messages[{i}]")
+        finally:
+            self.engine.record(self, self.input.hits, Stage.INPUT)
+
+    def _check_message(self, message: Message, source: Source, where: str) -> None:
+        for part in message.content:
+            if isinstance(part, TextPart) and part.text:
+                part.text, hits = self.scan_text(part.text, Stage.INPUT, source, f"{where}.content")
+                self._raise_if_blocked(hits)
+        for j, call in enumerate(message.tool_calls):
+            if call.arguments:
+                call.arguments, hits = self.scan_text(
+                    call.arguments, Stage.INPUT, source, f"{where}.tool_calls[{j}].arguments"
+                )
+                self._raise_if_blocked(hits)
+
+    @staticmethod
+    def _raise_if_blocked(hits: list[Hit]) -> None:
+        for h in hits:
+            if h.action is Action.BLOCK:
+                raise blocked_error(h, Stage.INPUT)
+
+    # --- output ----------------------------------------------------------------------------------
+
+    def check_response(self, answer: ChatResponse) -> ChatResponse:
+        """Scan each choice (text and tool arguments), mask or withhold, then restore pseudonyms."""
+        try:
+            for choice in answer.choices:
+                message = choice.message
+                where = f"choices[{choice.index}].message"
+                blocked: Hit | None = None
+                for part in message.content:
+                    if isinstance(part, TextPart) and part.text:
+                        part.text, hits = self.scan_text(
+                            part.text, Stage.OUTPUT, Source.ASSISTANT, f"{where}.content"
+                        )
+                        blocked = blocked or next((h for h in hits if h.action is Action.BLOCK), None)
+                for j, call in enumerate(message.tool_calls):
+                    call.arguments, hits = self.scan_text(
+                        call.arguments, Stage.OUTPUT, Source.ASSISTANT, f"{where}.tool_calls[{j}].arguments"
+                    )
+                    blocked = blocked or next((h for h in hits if h.action is Action.BLOCK), None)
+                if blocked is not None:
+                    message.content = [TextPart(withheld_notice(blocked))]
+                    message.tool_calls = []
+                    choice.finish_reason = "content_filter"
+                    continue
+                for part in message.content:
+                    if isinstance(part, TextPart):
+                        part.text = self.pseudonyms.restore(part.text)
+                for call in message.tool_calls:
+                    call.arguments = self.pseudonyms.restore(call.arguments)
+        finally:
+            self.engine.record(self, self.output.hits, Stage.OUTPUT)
+        return answer
+
+    def stream_guard(self) -> StreamGuard:
+        from plinth.guardrails.stream import StreamGuard
+
+        return StreamGuard(self, self.engine.config.stream)
+
+
+def withheld_notice(hit: Hit) -> str:
+    return f"[answer withheld by guardrail rule '{hit.finding.rule}']"
+
+
+class Guardrails:
+    """Profiles built once; the per-request entry point for the hot path."""
+
+    def __init__(
+        self,
+        config: GuardrailsConfig,
+        *,
+        registry: Registry | None = None,
+        events: EventSink | None = None,
+    ) -> None:
+        self.config = config
+        self.events = events if config.record_events else None
+        self.key = config.pseudonym_key.get_secret_value().encode() if config.pseudonym_key else random_key()
+        self.identifiers = IdentifiersScanner(config.identifiers, config.identifiers_file)
+        self._ner: Any = None
+        self._ner_lock = threading.Lock()
+        base = registry or default_registry()
+        self.registry = base.child({"identifiers": lambda _options: self.identifiers, "pii": self._pii})
+        self._instances: dict[tuple[str, str], Scanner] = {}
+        names = {config.default_profile} | {rule.profile for rule in config.select} | set(config.profiles)
+        self.profiles: dict[str, Profile] = {n: self._build(n) for n in sorted(x for x in names if x)}
+        self._selected: dict[tuple[Any, ...], Profile | None] = {}
+
+    @classmethod
+    def from_config(cls, config: GuardrailsConfig, events: EventSink | None = None) -> Guardrails | None:
+        """None when no request can get a profile: the hot path then skips guardrails entirely."""
+        if not config.enabled or (config.default_profile is None and not config.select):
+            return None
+        return cls(config, events=events)
+
+    # --- building --------------------------------------------------------------------------------
+
+    def _pii(self, options: dict[str, Any]) -> Scanner:
+        from plinth.guardrails.pii import PiiScanner
+
+        return PiiScanner(options, ner=self._ner_backend())
+
+    def _ner_backend(self) -> Any:
+        if self.config.ner is None:
+            return None
+        with self._ner_lock:
+            if self._ner is None:
+                from plinth.guardrails.pii.ner import load_backend
+
+                self._ner = load_backend(self.config.ner)
+            return self._ner
+
+    def profile(self, name: str) -> Profile:
+        found = self.profiles.get(name)
+        if found is None:
+            found = self.profiles[name] = self._build(name)
+        return found
+
+    def _build(self, name: str) -> Profile:
+        config = merged(name, self.config.profiles)
+        return Profile(
+            name=name,
+            input=self._stage(name, "input", config.input),
+            output=self._stage(name, "output", config.output),
+            min_score=config.min_score if config.min_score is not None else 0.5,
+        )
+
+    def _stage(self, profile: str, stage: str, config: StageConfig) -> StagePlan:
+        scanners: list[Scanner] = []
+        for ref in config.scanners or []:
+            scanner = self._scanner(profile, stage, ref)
+            if scanner is not None:
+                scanners.append(scanner)
+        sources = frozenset(_SOURCES[s] for s in (config.sources or ["user", "tool", "assistant"]))
+        return StagePlan(tuple(scanners), ActionMap(config.actions or {}), sources)
+
+    def _scanner(self, profile: str, stage: str, ref: ScannerRef) -> Scanner | None:
+        key = (ref.name, repr(sorted(ref.options.items())))
+        found = self._instances.get(key)
+        if found is not None:
+            return found
+        try:
+            scanner = self.registry.create(ref.name, ref.options)
+        except UnknownScanner:
+            if ref.name in OPTIONAL_SCANNERS and not ref.options:
+                log.info("profile %s (%s): scanner '%s' is not available; skipped", profile, stage, ref.name)
+                return None
+            raise ValueError(
+                f"guardrails profile '{profile}' ({stage}): unknown scanner '{ref.name}'"
+            ) from None
+        except (ValueError, TypeError) as exc:
+            raise ValueError(
+                f"guardrails profile '{profile}' ({stage}), scanner '{ref.name}': {exc}"
+            ) from None
+        self._instances[key] = scanner
+        return scanner
+
+    # --- selection -------------------------------------------------------------------------------
+
+    def profile_for(self, principal: Principal | None, model: str) -> Profile | None:
+        if principal is None:
+            key: tuple[Any, ...] = (None, model)
+        else:
+            key = (principal.key_id, principal.name, principal.team_id, principal.tags, model)
+        try:
+            return self._selected[key]
+        except KeyError:
+            pass
+        name = self._select(principal, model)
+        profile = self.profile(name) if name is not None else None
+        if len(self._selected) > 10_000:
+            self._selected.clear()
+        self._selected[key] = profile
+        return profile
+
+    def _select(self, principal: Principal | None, model: str) -> str | None:
+        for rule in self.config.select:
+            if rule.keys is not None and (
+                principal is None or not ({principal.name, principal.key_id} & set(rule.keys))
+            ):
+                continue
+            if rule.teams is not None and (
+                principal is None or not ({principal.team_id, principal.team_name} & set(rule.teams))
+            ):
+                continue
+            if rule.tags is not None and (principal is None or not (set(principal.tags) & set(rule.tags))):
+                continue
+            if rule.models is not None and not any(_model_matches(model, m) for m in rule.models):
+                continue
+            return rule.profile
+        return self.config.default_profile
+
+    # --- the hot path ----------------------------------------------------------------------------
+
+    def check_input(
+        self,
+        chat: ChatRequest,
+        principal: Principal | None,
+        model: str,
+        request_id: str,
+        session_id: str | None = None,
+    ) -> Guard | None:
+        """Step 4: scan and rewrite `chat`; None when no profile applies. Raises GatewayError (400,
+        code guardrail_blocked) naming the rule when a finding's action is block."""
+        profile = self.profile_for(principal, model)
+        if profile is None:
+            return None
+        session = session_id if session_id and len(session_id) <= 128 and session_id.isprintable() else None
+        guard = Guard(self, profile, principal, model, request_id, session or chat.user or request_id)
+        guard.check_request(chat)
+        return guard
+
+    def record(self, guard: Guard, hits: list[Hit], stage: Stage) -> None:
+        if not hits:
+            return
+        p = guard.principal
+        for h in hits:
+            FINDINGS.labels(stage.value, h.finding.rule, h.action.value).inc()
+        if self.events is None:
+            return
+        for h in hits:
+            f = h.finding
+            self.events.record(
+                GuardrailEvent(
+                    request_id=guard.request_id,
+                    stage=stage.value,
+                    profile=guard.profile.name,
+                    scanner=f.scanner,
+                    rule=f.rule,
+                    type=f.type,
+                    action=h.action.value,
+                    score=f.score,
+                    location=h.where,
+                    data_class=f.data_class,
+                    key_id=(p.key_id or p.name) if p is not None else None,
+                    team_id=p.team_id if p is not None else None,
+                    model=guard.model,
+                )
+            )
+
+
+def validate(config: GuardrailsConfig) -> None:
+    """Build every profile once (scanner names and options, NER model), as `plinth config check`
+    and `plinth serve` do before starting: a bad profile fails there, naming it, not in a worker."""
+    from plinth.config import ConfigError
+
+    try:
+        if config.enabled:
+            Guardrails(config)
+    except ValueError as exc:
+        raise ConfigError(f"guardrails: {exc}") from None
+
+
+def _model_matches(model: str, pattern: str) -> bool:
+    return model.startswith(pattern[:-1]) if pattern.endswith("*") else model == pattern
+
+
+__all__ = [
+    "SESSION_HEADER",
+    "Guard",
+    "Guardrails",
+    "Hit",
+    "Verdict",
+    "blocked_error",
+    "rewrite",
+    "withheld_notice",
+]
