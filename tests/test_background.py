@@ -24,3 +24,13 @@ async def test_background_writes_run_on_one_lower_priority_thread() -> None:
     assert tid != threading.get_native_id()
     assert (await run_in_background(where))[0] == tid  # one thread: the writes stay in order
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own  # the loop is untouched
+
+
+async def test_a_writer_that_fell_behind_runs_at_ordinary_priority() -> None:
+    def where() -> tuple[int, str]:
+        tid = threading.get_native_id()
+        return os.getpriority(os.PRIO_PROCESS, tid), threading.current_thread().name
+
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    nice, name = await run_in_background(where, behind=True)
+    assert nice == own and not name.startswith("plinth-background")

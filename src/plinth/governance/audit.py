@@ -503,7 +503,9 @@ class AuditLog:
         while self._buffer:
             batch = [self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
             try:
-                await run_in_background(self._write, batch)  # low priority: requests go first
+                # Low priority (requests go first) unless far behind, as for usage records.
+                behind = len(self._buffer) > 10 * self.batch_size
+                await run_in_background(self._write, batch, behind=behind)
             except Exception as exc:
                 self._buffer.extendleft(reversed(batch))
                 while len(self._buffer) > self.max_buffer:

@@ -38,6 +38,7 @@ DROPPED = Counter(
 WRITTEN = Counter("plinth_usage_records_written", "Usage records written to the database.")
 
 _NO_USAGE = Usage()
+BEHIND_BATCHES = 10  # batches waiting beyond which the writer stops yielding to requests
 _COLUMNS = (
     "request_id", "created_at", "org_id", "team_id", "project_id", "key_id", "key_name", "route",
     "model", "deployment", "status", "input_tokens", "output_tokens", "cached_input_tokens",
@@ -154,7 +155,9 @@ class UsageRecorder:
         while self._buffer:
             batch = self._take(self.batch_size)
             try:
-                await run_in_background(self._write, batch)
+                # Far behind (a saturated process): write at ordinary priority until caught up.
+                behind = len(self._buffer) > BEHIND_BATCHES * self.batch_size
+                await run_in_background(self._write, batch, behind=behind)
             except Exception as exc:
                 self._put_back(batch)
                 if not self._failing:
