@@ -14,14 +14,10 @@ why and the deciding policy ids; never prompt or answer content.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
 import hashlib
 import logging
 import os
-import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from plinth.governance.models import AuditHead, AuditRecord
 from plinth.storage import Database, utcnow
-from plinth.storage.background import run_in_background
+from plinth.storage.batches import BatchWriter
 
 if TYPE_CHECKING:
     from plinth.governance.engine import Decision
@@ -385,8 +381,10 @@ def verify_export(folder: Path) -> VerifyResult:
 # --- the log ---------------------------------------------------------------------------------------
 
 
-class AuditLog:
+class AuditLog(BatchWriter[Entry]):
     """Admin actions written at once (in the caller's thread); decisions buffered and batched."""
+
+    what = "audit records"
 
     def __init__(
         self,
@@ -396,16 +394,10 @@ class AuditLog:
         batch_size: int = 500,
         max_buffer: int = 100_000,
     ) -> None:
+        super().__init__(
+            interval_s=interval_s, batch_size=batch_size, max_buffer=max_buffer, dropped=DROPPED, log=log
+        )
         self.db = db
-        self.interval_s = interval_s
-        self.batch_size = batch_size
-        self.max_buffer = max_buffer
-        self._buffer: deque[Entry] = deque()
-        self._wake = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._failing = False
-        self.dropped = 0
 
     # --- admin actions (blocking; admin handlers run in worker threads) --------------------------
 
@@ -441,10 +433,6 @@ class AuditLog:
         entity_types: Sequence[str] = (),
     ) -> None:
         """Queue the record of one decision; never blocks (the oldest is dropped when full)."""
-        buffer = self._buffer
-        if len(buffer) >= self.max_buffer:
-            buffer.popleft()
-            self._count_dropped(1)
         detail: dict[str, Any] = {
             "data_class": decision.data_class.value,
             "deployments": list(decision.deployments),
@@ -461,7 +449,7 @@ class AuditLog:
             if principal.environment:
                 detail["environment"] = principal.environment
         actor = principal.key_id or principal.name if principal is not None else "-"
-        buffer.append(
+        self.append(
             Entry(
                 "decision",
                 actor,
@@ -475,76 +463,10 @@ class AuditLog:
                 utcnow(),
             )
         )
-        if len(buffer) >= self.batch_size and not self._wake.is_set():
-            self._wake.set()
 
-    @property
-    def pending(self) -> int:
-        return len(self._buffer)
-
-    def start(self) -> None:
-        if self._task is None:
-            self._wake = asyncio.Event()
-            self._stop = asyncio.Event()
-            self._task = asyncio.create_task(self._run(), name="plinth-audit-writer")
-
-    async def _run(self) -> None:
-        delay = self.interval_s
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for((self._stop if self._failing else self._wake).wait(), delay)
-            if self._stop.is_set():
-                return
-            self._wake.clear()
-            delay = self.interval_s if await self.flush() else min(5.0, delay * 2)
-
-    async def flush(self) -> bool:
-        """Write everything buffered, batch by batch; False when the database refused a batch."""
-        while self._buffer:
-            batch = [self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
-            try:
-                # Low priority (requests go first) unless far behind, as for usage records.
-                behind = len(self._buffer) > 10 * self.batch_size
-                await run_in_background(self._write, batch, behind=behind)
-            except Exception as exc:
-                self._buffer.extendleft(reversed(batch))
-                while len(self._buffer) > self.max_buffer:
-                    self._buffer.pop()
-                    self._count_dropped(1)
-                if not self._failing:
-                    log.error("writing audit records failed, will retry: %s", exc)
-                    self._failing = True
-                return False
-            if self._failing:
-                log.warning("writing audit records works again")
-                self._failing = False
-        return True
-
-    def _write(self, batch: list[Entry]) -> None:
+    def write_batch(self, batch: list[Entry]) -> None:
         with self.db.engine.begin() as connection:
             append(connection, batch)
-
-    async def aclose(self, timeout_s: float = 10.0) -> None:
-        """Stop the writer after its current batch and write what is left (graceful shutdown)."""
-        if self._task is not None:
-            self._stop.set()
-            self._wake.set()
-            await self._task
-            self._task = None
-        deadline = time.monotonic() + timeout_s
-        while not await self.flush():
-            if time.monotonic() > deadline:
-                lost = len(self._buffer)
-                self._buffer.clear()
-                self._count_dropped(lost)
-                log.error("shutting down with the database unavailable: %d audit records lost", lost)
-                return
-            await asyncio.sleep(0.2)
-
-    def _count_dropped(self, n: int) -> None:
-        if n > 0:
-            self.dropped += n
-            DROPPED.inc(n)
 
     # --- reading ---------------------------------------------------------------------------------
 
