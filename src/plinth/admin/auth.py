@@ -24,6 +24,10 @@ READ_ALL = frozenset(f"{resource}:read" for resource in RESOURCES)
 GOVERNANCE_CATALOG = frozenset({"models:read", "providers:read"})
 GOVERNANCE_READ = GOVERNANCE_CATALOG | {"approvals:read", "kill:read", "policy:read", "audit:read"}
 GOVERNANCE_WRITE = frozenset({"models:write", "providers:write", "approvals:write", "kill:write"})
+# Guardrails (plinth.guardrails.api): session-risk blocks are not team-scoped (a session or key id of
+# any team), so platform admins read and clear them, auditors read them, team roles neither.
+GUARDRAILS_READ = frozenset({"guardrails:read"})
+GUARDRAILS_WRITE = frozenset({"guardrails:write"})
 PERMISSIONS: dict[Role, frozenset[str]] = {
     # `usage` is read-only (usage records are written by the gateway); `limits:write` is the limits
     # of keys (a team's own limits need `teams:write`, so a team admin cannot raise its own cap).
@@ -31,8 +35,10 @@ PERMISSIONS: dict[Role, frozenset[str]] = {
     | {f"{resource}:write" for resource in RESOURCES if resource != "usage"}
     | {"limits:write"}
     | GOVERNANCE_READ
-    | GOVERNANCE_WRITE,
-    Role.AUDITOR: READ_ALL | GOVERNANCE_READ,
+    | GOVERNANCE_WRITE
+    | GUARDRAILS_READ
+    | GUARDRAILS_WRITE,
+    Role.AUDITOR: READ_ALL | GOVERNANCE_READ | GUARDRAILS_READ,
     # Team admins may create users, but only developers of their own team (see the users handler).
     Role.TEAM_ADMIN: GOVERNANCE_CATALOG
     | frozenset(

@@ -39,6 +39,7 @@ from plinth.gateway.pipeline import (
 from plinth.governance.api import GovernanceAdmin
 from plinth.governance.audit import AuditLog
 from plinth.governance.engine import Governance
+from plinth.guardrails.api import GuardrailsAdmin
 from plinth.guardrails.engine import Guardrails
 from plinth.guardrails.events import EventRecorder
 from plinth.limits import build_limiter
@@ -262,6 +263,7 @@ def create_app(settings: AppSettings) -> Starlette:
     # Later parts of the product (governance, knowledge bases, ...) add their admin operations here.
     admin_extensions: list[AdminExtension] = []
     admin_extensions.append(GovernanceAdmin(database, config, governance))  # hub, approvals, kill, audit
+    admin_extensions.append(GuardrailsAdmin(guardrails))  # session-risk blocks: list, clear
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),

@@ -162,11 +162,24 @@ class GuardrailsConfig(_Strict):
     pseudonym_key: SecretStr | None = None
     # Record findings (without values) in the guardrail_events table.
     record_events: bool = True
+    # Canary tokens planted in your applications' system prompts: an answer that repeats one (even
+    # encoded or spelled out) is a `leak` finding. Secrets: never logged or shown.
+    canaries: list[SecretStr] = Field(default_factory=list)
+    # Append a random canary to each request's system prompt (requests with one), checked on output.
+    plant_canary: bool = False
 
     @field_validator("pseudonym_key")
     @classmethod
     def _empty_is_none(cls, v: SecretStr | None) -> SecretStr | None:
         return v if v is None or v.get_secret_value() else None
+
+    @field_validator("canaries")
+    @classmethod
+    def _canaries(cls, v: list[SecretStr]) -> list[SecretStr]:
+        for i, canary in enumerate(v):
+            if len(canary.get_secret_value().strip()) < 4:
+                raise ValueError(f"canaries[{i}]: a canary needs at least 4 characters")
+        return v
 
     @model_validator(mode="after")
     def _profiles_exist(self) -> GuardrailsConfig:

@@ -16,11 +16,12 @@ scanners, add or change actions, or change `min_score`.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from plinth.guardrails.config import ActionName, ProfileConfig, ScannerRef, StageConfig
-from plinth.guardrails.types import Action, Finding, Scanner, Source
+from plinth.guardrails.types import Action, Finding, ScanContext, Scanner, Source
 
 # Scanners of the detectors package used by the built-in profiles when that package provides them.
 OPTIONAL_SCANNERS = frozenset({"injection", "leak", "kill_switch", "topics", "session_risk", "grounding"})
@@ -153,11 +154,20 @@ def most_severe(actions: list[Action]) -> Action:
     return max(actions, key=_ORDER.__getitem__) if actions else Action.ALLOW
 
 
+class FindingObserver(Protocol):
+    """Told what every scanner of a stage found in a text (session risk accumulates it)."""
+
+    def observe(self, text: str, ctx: ScanContext, findings: Sequence[Finding]) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class StagePlan:
     scanners: tuple[Scanner, ...]
     actions: ActionMap
     sources: frozenset[Source] = frozenset({Source.USER, Source.TOOL, Source.ASSISTANT})
+    # Gets each scanned text's findings: the stage's own `session_risk` scanner, else the other
+    # stage's, so one declared on input alone still hears about leaks in answers.
+    observer: FindingObserver | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,4 +220,13 @@ def _merge_stage(base: StageConfig, override: StageConfig) -> StageConfig:
     )
 
 
-__all__ = ["BUILTIN", "OPTIONAL_SCANNERS", "ActionMap", "Profile", "StagePlan", "merged", "most_severe"]
+__all__ = [
+    "BUILTIN",
+    "OPTIONAL_SCANNERS",
+    "ActionMap",
+    "FindingObserver",
+    "Profile",
+    "StagePlan",
+    "merged",
+    "most_severe",
+]

@@ -155,16 +155,19 @@ class StreamGuard:
         offset = len(channel.tail)
         scanned = channel.tail + text
         ctx = guard.context(Stage.OUTPUT, Source.ASSISTANT)
-        hits = [
-            h for h in guard.hits(scanned, guard.profile.output, ctx, channel.where) if h.finding.end > offset
-        ]
+        plan = guard.profile.output
+        found = [f for f in guard.findings(scanned, plan, ctx, channel.where) if f.end > offset]
+        hits = guard.judge(found, plan, channel.where)
         block = next((h for h in hits if h.action is Action.BLOCK), None)
         if block is not None:
+            guard.observe(scanned, plan, ctx, found)
             guard.output.hits.extend(hits)
             self._blocked[index] = block
             channel.pending = ""
             return [TextDelta(withheld_notice(block), index=index)]
         cut = len(text) if final else self._cut(text, offset, hits)
+        # Session risk hears of each finding once: those held back are found again next window.
+        guard.observe(scanned, plan, ctx, [f for f in found if f.start - offset < cut])
         if cut <= 0:
             channel.scan_at = len(text) + self.window  # nothing releasable: wait for a window more
             return []

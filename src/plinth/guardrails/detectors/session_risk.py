@@ -442,7 +442,12 @@ class SessionRiskScorer:
         for kind, score in item.findings:
             best[kind] = max(best.get(kind, 0.0), score)
         if item.text is not None and self._injection is not None:
-            p = self._injection(item.text)
+            try:
+                p = self._injection(item.text)
+            except Exception:  # the other scanners' findings still count
+                self.errors += 1
+                log.exception("session risk: the injection classifier failed; its score is left out")
+                p = 0.0
             if p >= self.settings.injection_floor:
                 best["PROMPT_INJECTION"] = max(best.get("PROMPT_INJECTION", 0.0), p)
         if item.refusal or (item.answer is not None and is_refusal(item.answer)):
