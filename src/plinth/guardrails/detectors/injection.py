@@ -3,7 +3,8 @@
 - The classifier is TF-IDF over character 1-5 grams and a logistic regression, trained by
   `scripts/train_injection_classifier.py` on deepset/prompt-injections (Apache-2.0). Its weights
   ship in this package (`injection_model.json.gz`, loaded once per process) and are scored here in
-  pure Python: no scikit-learn or numpy at run time, about a millisecond per short prompt.
+  numpy where it is installed (`injection_vectorized.py`, n-grams as integers), else in pure Python;
+  no scikit-learn at run time.
 - Rules (`injection_rules.py`) catch the well-known phrasings exactly and name them.
 - Indirect injection: text that came from retrieval or a tool (`ScanContext.source`) is held to the
   lower `indirect_threshold` (by default the threshold aimed at 15% instead of 8% false positives
@@ -26,7 +27,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plinth.guardrails.detectors import options as opt
 from plinth.guardrails.detectors.injection_features import ngram_counts
@@ -34,12 +35,27 @@ from plinth.guardrails.detectors.injection_rules import RULES, Rule
 from plinth.guardrails.detectors.text import clean, span_in_original, windows
 from plinth.guardrails.types import Finding, ScanContext, Source
 
+if TYPE_CHECKING:
+    from plinth.guardrails.detectors.injection_vectorized import VectorizedDecision
+
 MODEL_RESOURCE = "injection_model.json.gz"
 MODEL_FORMAT = 1
 RULE_SCORE = 0.95  # rules are precise; a rule match is reported with this confidence
 WINDOW_CHARS = 1000
 WINDOW_OVERLAP = 200
 INDIRECT_SOURCES = frozenset({Source.TOOL, Source.RETRIEVED})
+
+
+def _vectorized(vocab: Mapping[str, tuple[float, float]]) -> VectorizedDecision | None:
+    """The numpy scorer where numpy is installed (it comes with the `local` extra), else None."""
+    try:
+        from plinth.guardrails.detectors.injection_vectorized import AlphabetTooLarge, VectorizedDecision
+    except ImportError:
+        return None
+    try:
+        return VectorizedDecision(vocab)
+    except AlphabetTooLarge:
+        return None
 
 
 class ModelError(RuntimeError):
@@ -65,6 +81,7 @@ class InjectionClassifier:
         info: Mapping[str, Any] | None = None,
     ) -> None:
         self._vocab = dict(vocab)  # n-gram -> (idf, coefficient)
+        self._vectorized = _vectorized(self._vocab)
         self.intercept = intercept
         self.threshold = threshold
         self.threshold_sensitive = threshold_sensitive
@@ -110,13 +127,24 @@ class InjectionClassifier:
     def __len__(self) -> int:
         return len(self._vocab)
 
+    @property
+    def vectorized(self) -> bool:
+        """Whether `decision` runs in numpy (about 4x faster) rather than pure Python."""
+        return self._vectorized is not None
+
     def decision(self, text: str) -> float:
         """w . tfidf(text) + b, exactly as scikit-learn computes it (sublinear tf, smooth idf, l2 norm)."""
+        if self._vectorized is not None:
+            return self.intercept + self._vectorized.dot(text)
+        return self.decision_python(text)
+
+    def decision_python(self, text: str) -> float:
+        """`decision` without numpy (not a core dependency): about 2.5 microseconds per character."""
         counts = ngram_counts(text)
         vocab = self._vocab
         dot = 0.0
         norm = 0.0
-        for gram in counts.keys() & vocab.keys():  # set intersection runs in C; most n-grams are unknown
+        for gram in counts.keys() & vocab.keys():  # set intersection runs in C
             idf, coef = vocab[gram]
             count = counts[gram]
             value = idf if count == 1 else (1.0 + math.log(count)) * idf
