@@ -19,6 +19,7 @@ from plinth.admin import cli as admin_cli
 from plinth.config import ConfigError, PlinthConfig, admin_key_problem, load_config
 from plinth.governance import cli as governance_cli
 from plinth.guardrails import cli as guardrails_cli
+from plinth.knowledge import cli as knowledge_cli
 
 app = typer.Typer(
     name="plinth",
@@ -42,6 +43,7 @@ app.add_typer(governance_cli.kill_app, name="kill")
 app.add_typer(governance_cli.policy_app, name="policy")
 app.add_typer(governance_cli.audit_app, name="audit")
 app.add_typer(guardrails_cli.guardrails_app, name="guardrails")
+app.add_typer(knowledge_cli.kb_app, name="kb")
 db_app = typer.Typer(help="Database schema: migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 err = Console(stderr=True)

@@ -42,6 +42,8 @@ from plinth.governance.engine import Governance
 from plinth.guardrails.api import GuardrailsAdmin
 from plinth.guardrails.engine import Guardrails
 from plinth.guardrails.events import EventRecorder
+from plinth.knowledge.admin import KnowledgeAdmin
+from plinth.knowledge.http import KnowledgeApi
 from plinth.limits import build_limiter
 from plinth.metering import PriceBook, UsageRecorder
 from plinth.observability import metrics
@@ -264,6 +266,7 @@ def create_app(settings: AppSettings) -> Starlette:
     admin_extensions: list[AdminExtension] = []
     admin_extensions.append(GovernanceAdmin(database, config, governance))  # hub, approvals, kill, audit
     admin_extensions.append(GuardrailsAdmin(guardrails))  # session-risk blocks: list, clear
+    admin_extensions.append(KnowledgeAdmin(database))  # knowledge bases: list, show, create, delete
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -275,6 +278,7 @@ def create_app(settings: AppSettings) -> Starlette:
         Route("/models", list_models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        *KnowledgeApi(gateway, database, governance).routes(),  # /v1/knowledge/{kb}/query
         admin_routes(tenancy, keys, admin_extensions),
     ]
     if config.server.metrics:

@@ -1,7 +1,7 @@
 """guardrail events: one row per finding acted on (type, rule, action, key, team), never the value
 
 Revision ID: 0006
-Revises: 0004 (to become 0005 once migration 0005 exists)
+Revises: 0005
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006"
-down_revision = "0004"  # TODO(lead): "0005" once 0005 exists
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
