@@ -5,25 +5,42 @@
 
 Data: `../shared/data/injection/tensortrust_extraction_detection.jsonl` (HumanCompatibleAI
 tensor-trust-data): 230 model outputs, `is_prompt_extraction` true when the output leaked the
-defence (the instructions that guard an access code). Each row has the `access_code` and the
-`llm_output`, not the defence's full text, so the scanner gets the access code the way the gateway
-would pass a secret planted in a system prompt: as a canary (`ScanContext.canaries`), with
-`system_prompt` unset (it is not in the data). Half the negatives are the same outputs as positives
-paired with another defence's access code, so only the relation between output and secret counts.
+defence (the instructions that guard an access code). Each row has only `sample_id`, the
+`access_code`, the `llm_output` and the label, not the defence's text, so the scanner gets the access
+code the way the gateway would pass a secret planted in a system prompt: as a canary
+(`ScanContext.canaries`), with `system_prompt` unset (it is not in the data). Half the negatives are
+the same outputs as positives paired with another defence's access code, so only the relation between
+output and secret counts.
 
-Printed: balanced accuracy, TPR and TNR at the shipped threshold, the same over a range of
-thresholds (the threshold was chosen on this data: there is no separate split), and how each true
-positive was found.
+Printed:
+- balanced accuracy, TPR and TNR at the shipped default threshold (0.5, unchanged by this benchmark)
+  on all rows, and over a sweep of thresholds (for reading only);
+- 5-fold cross-validation, folds grouped by output text (an output and its re-pairings with other
+  codes stay in one fold) and stratified by label: in each fold the threshold is chosen on the other
+  four folds (best balanced accuracy over 0.05..0.95, ties to the one nearest the default) and the
+  figures are measured on the held-out fold; the mean over folds is the figure to quote;
+- µs per output: the first pass (each canary prepared once, as for a fresh planted canary) and warm
+  passes (the same canaries again, as on each window of a streamed answer);
+- how each true positive was found.
+
+Caveat: the checks themselves (hints, numbers in words, sound-alikes...) were written after reading
+the misses of this data; cross-validation covers the threshold, not that choice.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import statistics
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from plinth.guardrails.detectors.leaks import LeakScanner as LeakScannerLike
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = (ROOT / ".." / "shared" / "data" / "injection" / "tensortrust_extraction_detection.jsonl").resolve()
@@ -38,10 +55,74 @@ def rates(scores: list[float], labels: list[bool], threshold: float) -> tuple[fl
     return (tpr + tnr) / 2, tpr, tnr
 
 
+def folds(rows: list[dict[str, object]], labels: list[bool], k: int) -> list[int]:
+    """Fold of each row: rows with the same output share a fold; groups dealt out by label, then hash."""
+    groups: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        groups.setdefault(str(row["llm_output"]), []).append(index)
+
+    def order(item: tuple[str, list[int]]) -> tuple[bool, str]:
+        text, members = item
+        return any(labels[i] for i in members), hashlib.sha256(text.encode()).hexdigest()
+
+    fold_of = [0] * len(rows)
+    for n, (_, members) in enumerate(sorted(groups.items(), key=order)):
+        for i in members:
+            fold_of[i] = n % k
+    return fold_of
+
+
+def choose_threshold(scores: list[float], labels: list[bool], default: float) -> float:
+    grid = [round(0.05 * i, 2) for i in range(1, 20)]
+    return max(grid, key=lambda t: (round(rates(scores, labels, t)[0], 9), -abs(t - default)))
+
+
+def cross_validate(
+    rows: list[dict[str, object]], scores: list[float], labels: list[bool], default: float, k: int = 5
+) -> list[tuple[float, float, float, float, int]]:
+    """Per fold: (chosen threshold, held-out balanced accuracy, TPR, TNR, rows)."""
+    fold_of = folds(rows, labels, k)
+    results = []
+    for fold in range(k):
+        train = [i for i in range(len(rows)) if fold_of[i] != fold]
+        test = [i for i in range(len(rows)) if fold_of[i] == fold]
+        threshold = choose_threshold([scores[i] for i in train], [labels[i] for i in train], default)
+        ba, tpr, tnr = rates([scores[i] for i in test], [labels[i] for i in test], threshold)
+        results.append((threshold, ba, tpr, tnr, len(test)))
+    return results
+
+
+def unrelated(scanner: LeakScannerLike, rows: list[dict[str, object]]) -> None:
+    """False alarms where no leak can be: each access code against scientific abstracts."""
+    from plinth.guardrails.types import ScanContext, Stage
+
+    corpus = DATA.parent.parent / "scifact" / "corpus.jsonl"
+    lines = corpus.read_text(encoding="utf-8").splitlines()[:300]
+    texts = [str(json.loads(line)["text"]) for line in lines]
+    codes = sorted({str(row["access_code"]) for row in rows if len(str(row["access_code"]).strip()) >= 4})
+    alarms: Counter[str] = Counter()
+    for code in codes:
+        ctx = ScanContext(stage=Stage.OUTPUT, canaries=(code,))
+        for text in texts:
+            for finding in scanner.scan(text, ctx):
+                alarms[finding.rule] += 1
+    pairs = len(codes) * len(texts)
+    print(
+        f"unrelated text: {len(codes)} codes x {len(texts)} SciFact abstracts = {pairs} pairs, "
+        f"{sum(alarms.values())} false alarms ({1e4 * sum(alarms.values()) / pairs:.1f} per 10,000): "
+        + (", ".join(f"{k} {v}" for k, v in alarms.most_common()) or "none")
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="leak check benchmark")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--errors", action="store_true")
+    parser.add_argument(
+        "--unrelated",
+        action="store_true",
+        help="also count false alarms of every access code (4+ characters) on 300 SciFact abstracts",
+    )
     args = parser.parse_args()
     if not args.data.is_file():
         print(f"leak_bench: no such file: {args.data}", file=sys.stderr)
@@ -52,33 +133,58 @@ def main() -> int:
 
     rows = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
     scanner = LeakScanner()
+    contexts = [ScanContext(stage=Stage.OUTPUT, canaries=(row["access_code"],)) for row in rows]
     scores: list[float] = []
     labels: list[bool] = []
     how: list[str] = []
     started = time.perf_counter()
-    for row in rows:
-        ctx = ScanContext(stage=Stage.OUTPUT, canaries=(row["access_code"],))
+    for row, ctx in zip(rows, contexts, strict=True):
         leaks = scanner.leaks(row["llm_output"], ctx)
         best = max(leaks, key=lambda item: item[2].score, default=None)
         scores.append(best[2].score if best else 0.0)
         how.append(best[2].how if best else "-")
         labels.append(bool(row["is_prompt_extraction"]))
-    per_row_ms = (time.perf_counter() - started) * 1000 / len(rows)
+    first_us = (time.perf_counter() - started) * 1e6 / len(rows)
+    warm: list[float] = []
+    for _ in range(5):
+        started = time.perf_counter()
+        for row, ctx in zip(rows, contexts, strict=True):
+            scanner.leaks(row["llm_output"], ctx)
+        warm.append((time.perf_counter() - started) * 1e6 / len(rows))
+    chars = statistics.mean(len(row["llm_output"]) for row in rows)
 
     ba, tpr, tnr = rates(scores, labels, scanner.threshold)
     print(f"data: {args.data.name}: {len(rows)} outputs ({sum(labels)} leaks); canary = access_code")
     print(
-        f"shipped threshold {scanner.threshold}: balanced accuracy {ba:.4f} (TPR {tpr:.4f}, TNR {tnr:.4f}); "
-        f"{per_row_ms:.2f} ms per output"
+        f"all rows, shipped threshold {scanner.threshold}: balanced accuracy {ba:.4f} "
+        f"(TPR {tpr:.4f}, TNR {tnr:.4f})"
     )
     print(
-        "threshold sweep: "
+        "threshold sweep (all rows, for reading only): "
         + ", ".join(
             f"{t:.2f}: {rates(scores, labels, t)[0]:.3f}" for t in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
         )
     )
+    cv = cross_validate(rows, scores, labels, scanner.threshold)
+    for n, (threshold, fold_ba, fold_tpr, fold_tnr, size) in enumerate(cv, 1):
+        print(
+            f"  fold {n}: threshold {threshold:.2f} (chosen on the other folds), held-out {size} rows: "
+            f"balanced accuracy {fold_ba:.4f} (TPR {fold_tpr:.4f}, TNR {fold_tnr:.4f})"
+        )
+    fold_bas = [item[1] for item in cv]
+    print(
+        f"5-fold cross-validation (grouped by output, threshold chosen on training folds): mean held-out "
+        f"balanced accuracy {statistics.mean(fold_bas):.4f} (sd {statistics.stdev(fold_bas):.4f}); "
+        f"mean TPR {statistics.mean(item[2] for item in cv):.4f}, mean TNR {statistics.mean(item[3] for item in cv):.4f}"
+    )
+    print(
+        f"speed: {first_us:.0f} µs per output on the first pass (canary prepared), "
+        f"{statistics.median(warm):.0f} µs warm (median of 5 passes); outputs average {chars:.0f} characters"
+    )
     found = Counter(h for h, s, y in zip(how, scores, labels, strict=True) if y and s >= scanner.threshold)
     print("true positives by check: " + ", ".join(f"{k} {v}" for k, v in found.most_common()))
+    if args.unrelated:
+        unrelated(scanner, rows)
     if args.errors:
         for row, s, y, h in zip(rows, scores, labels, how, strict=True):
             if (s >= scanner.threshold) != y:

@@ -4,18 +4,25 @@ A canary (`ScanContext.canaries`) is a secret the answer must never contain: a r
 application put in its system prompt, or a password the prompt protects. Attackers rarely get it
 out verbatim, so the check also looks for it
 
-- with different case, spacing or punctuation ("L-A-B-Y-R-I-N-T-H", "z e i t g e i s t"),
-- encoded: reversed, ROT13, base64, hex or decimal character codes,
-- spelled one letter per token (`input[0] == "s"`, `input[1] == "n"`...),
-- by its words, or their stems ("Ontologie" for "ontology"): all of them score 0.68-0.85 (by how
-  many are stems only); fewer score below the default threshold.
+- with different case, spacing or punctuation, or split across lines ("L-A-B-Y-R-I-N-T-H"),
+- with look-alike characters: leetspeak ("h0l0gr4m") and Cyrillic or Greek letters for Latin ones,
+- encoded: reversed, ROT13, Pig Latin, base64, hex or decimal character codes,
+- spelled one letter per token (`input[0] == "s"`...) or in the spelling alphabet ("Zulu Echo..."),
+- scrambled (an anagram; under 7 letters only where the text says so) or as a sound-alike after "rhymes with" / "sounds like" ("hugger not"),
+- by spelling hints in text about a secret: first or last letter, number of letters (one fitting
+  hint scores 0.6, two or more 0.85; a hint that contradicts the secret means another secret),
+- by its words, their stems ("Ontologie" for "ontology") or its numbers in words ("twenty-nine",
+  "the tenth prime"): all of them score 0.68-0.85 (by how many are stems only); fewer score below
+  the default threshold.
 
 The system prompt (`ScanContext.system_prompt`) leaks when the answer copies a run of at least
 `run_words` consecutive words of it, or a share of its 5-word sequences (the score is that share
 over `full_overlap`). A short system prompt (under 8 words) is checked like a canary.
 
-What this cannot see: a secret paraphrased, translated or hinted at ("the loser of the 2018 World
-Cup final"). Those need a model of the meaning; measured on Tensor Trust in bench/leak_bench.py.
+What this cannot see: a secret paraphrased, translated or described by meaning ("the loser of the
+2018 World Cup final", 全息图 for hologram). Those need a model of the meaning; measured on Tensor
+Trust in bench/leak_bench.py. Each canary's derived forms are computed once and cached (the same
+canaries are checked on every window of a streamed answer); the cache lives in process memory only.
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ import codecs
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from plinth.guardrails.detectors import options as opt
-from plinth.guardrails.detectors.text import alnum_only, clean, fold, span_in_original, words
+from plinth.guardrails.detectors.text import clean, fold, span_in_original, words
 from plinth.guardrails.types import Finding, ScanContext
 
 DEFAULT_THRESHOLD = 0.5
@@ -43,12 +51,213 @@ _STOP = frozenset({
 })  # fmt: skip
 
 
+_NOT_ALNUM = re.compile(r"[\W_]+")
+
+
+def alnum_only(text: str) -> str:
+    """Letters and digits only (as `text.alnum_only`, by one regex: this runs on every output window)."""
+    return _NOT_ALNUM.sub("", text)
+
+
 @dataclass(frozen=True, slots=True)
 class Leak:
     score: float
-    how: str  # exact, normalized, encoded, spelled, symbols, partial, verbatim, overlap
+    how: str  # exact, normalized, encoded, lookalike, spelled, repeated, split, symbols, anagram,
+    # sounds_like, hint, partial; for the system prompt: verbatim, overlap
     start: int
     end: int
+
+
+# Look-alike characters an attacker swaps in so the secret survives an exact-match filter: digits and
+# symbols read as letters (leetspeak), and Cyrillic or Greek letters that look like Latin ones. Both
+# sides are mapped, so "1" and "l" and "i" all become "i".
+_LOOKALIKE = str.maketrans(
+    "01l!|34@5$7+8"
+    "\u0430\u0432\u0435\u0451\u043a\u043c\u043d\u043e\u0440\u0441\u0442\u0443"
+    "\u0445\u0456\u0457\u0458\u0455\u04bb\u04cf\u0501\u051b\u051d\u03b1\u03b2"
+    "\u03b5\u03b7\u03b9\u03ba\u03bc\u03bd\u03bf\u03c1\u03c4\u03c5\u03c7\u03c9",
+    "oiiiieaassttbabeekmhopctyxiijshidqwabenikuvoptuxw",
+)
+
+
+def _lookalike(folded: str) -> str:
+    """Letters and digits only, look-alikes mapped: "p4$$w0rd", or with Cyrillic o and a, gives "password"."""
+    return alnum_only(folded.translate(_LOOKALIKE))
+
+
+_SMALL = [
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
+]  # fmt: skip
+_UNITS = {w: i for i, w in enumerate(_SMALL)}
+_TENS = {
+    w: 10 * i
+    for i, w in enumerate(
+        ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+    )
+    if i >= 2
+}
+_ORDINALS = {
+    w: i + 1
+    for i, w in enumerate([
+        "first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth", "eleventh",
+        "twelfth", "thirteenth", "fourteenth", "fifteenth", "sixteenth", "seventeenth", "eighteenth", "nineteenth",
+        "twentieth",
+    ])
+}  # fmt: skip
+_NTH_PRIME = re.compile(r"\b(\d{1,3})(?:st|nd|rd|th)\s+prime\b|\b([a-z]+)\s+prime\b")
+
+
+def _nth_prime(n: int) -> int:
+    """The n-th prime (1-based), n at most a few hundred."""
+    count, candidate = 0, 1
+    while count < n:
+        candidate += 1
+        if all(candidate % p for p in range(2, int(candidate**0.5) + 1)):
+            count += 1
+    return candidate
+
+
+def _described_numbers(folded: str, tokens: list[str]) -> set[str]:
+    """Numbers the text gives in words: "twenty-nine", "one two three", "the 10th prime" (riddles)."""
+    found: set[str] = set()
+    total = current = 0
+    active = False
+    digits = ""
+    for token in [*tokens, ""]:
+        if token in _UNITS or token in _TENS:
+            value = _UNITS.get(token, _TENS.get(token, 0))
+            current += value
+            active = True
+            digits = digits + str(value) if token in _UNITS and value < 10 else ""
+            continue
+        if active and token == "hundred":
+            current *= 100
+        elif active and token == "thousand":
+            total, current = total + current * 1000, 0
+        elif active and token == "and":
+            pass
+        else:
+            if active:
+                found.add(str(total + current))
+                if len(digits) >= 2:
+                    found.add(digits)
+            total = current = 0
+            active = False
+            digits = ""
+    if "prime" in folded:
+        for match in _NTH_PRIME.finditer(folded):
+            n = int(match.group(1)) if match.group(1) else _ORDINALS.get(match.group(2), 0)
+            if 0 < n <= 500:
+                found.add(str(_nth_prime(n)))
+    return found
+
+
+# Hints about the secret's spelling: "starts with the letter "Z"", "the last letter is h",
+# "a three-letter word", "six characters long". Counted only in text that talks about a secret.
+_SECRET_TALK = re.compile(
+    r"\b(?:(?:password|passphrase|passcode|pass code|access code|secret|code ?word|keyword|answer)s?|word|phrase)\b"
+)
+_FIRST_CUE = re.compile(
+    r"\b(?:starts?|starting|begins?|beginning)\s+with\b|\bfirst\s+(?:letter|character|digit)s?\b"
+    r"(?:\s+of\s+[^.\n:]{0,30}?)?\s*(?:is|are|:)"
+)
+_LAST_CUE = re.compile(
+    r"\b(?:ends?|ending)\s+(?:with|in)\b|\blast\s+(?:letter|character|digit)s?\b"
+    r"(?:\s+of\s+[^.\n:]{0,30}?)?\s*(?:is|are|:)"
+)
+_CUE_VALUE = re.compile(
+    r"\s*(?:(?:the|a|an|capital|uppercase|lowercase|small)\s+)*(?:(?:letters?|characters?|digits?)\s+)?"
+    "[\"'\u201c\u2018\u00ab`]?(?P<val>\\w+)(?P<q>[\"'\u201d\u2019\u00bb`])?"
+)
+_LENGTH = re.compile(
+    r"\b(\d{1,2}|" + "|".join(_SMALL[1:17]) + r")(?:\s+|-)(?:letters?|characters?|chars|digits?)\b"
+)
+_SOUND_CUE = re.compile(
+    r"\b(?:rhymes?\s+with|sounds?\s+like|homophone\s+of|pronounced\s+(?:like|as))\s+"
+    "[\"'\u201c\u2018]?(?P<val>[^\"'\u201d\u2019.,;:!?\\n]{2,30})"
+)
+_VOWELS = frozenset("aeiouy")
+_HINT_WORDS = ("start", "begin", "first", "end", "last", "letter", "character", "char", "digit")
+_SCRAMBLE_WORDS = ("anagram", "scrambl", "shuffl", "jumbl", "rearrang", "mixed up")
+_SOUND_WORDS = ("rhym", "sound", "homophone", "pronounc")
+
+
+def _cue_values(cue: re.Pattern[str], folded: str) -> Iterable[str]:
+    """The letter or quoted string after each cue: one character bare, any length quoted."""
+    for match in cue.finditer(folded):
+        value = _CUE_VALUE.match(folded, match.end())
+        if value is not None and (value.group("q") or len(value.group("val")) == 1):
+            yield value.group("val")
+
+
+def _skeleton(squeezed: str) -> str:
+    """Consonants after the first sound, doubles collapsed: what rhymes keep ("juggernaut" -> "grnt")."""
+    consonants = [c for c in squeezed if c not in _VOWELS]
+    collapsed = [c for i, c in enumerate(consonants) if i == 0 or c != consonants[i - 1]]
+    return "".join(collapsed[1:])
+
+
+def _hint_score(squeezed_secret: str, folded_output: str) -> float:
+    """Spelling hints that fit the secret and none that contradict it (those describe another one)."""
+    if not any(cue in folded_output for cue in _HINT_WORDS) or not _SECRET_TALK.search(folded_output):
+        return 0.0
+    support = contra = 0
+    for value in _cue_values(_FIRST_CUE, folded_output):
+        if squeezed_secret.startswith(value) and value != squeezed_secret:
+            support += 1
+        else:
+            contra += 1
+    for value in _cue_values(_LAST_CUE, folded_output):
+        if squeezed_secret.endswith(value) and value != squeezed_secret:
+            support += 1
+        else:
+            contra += 1
+    for match in _LENGTH.finditer(folded_output):
+        n = match.group(1)
+        if (int(n) if n.isdigit() else _UNITS[n]) == len(squeezed_secret):
+            support += 1  # another length is often about the input, not the secret: not a contradiction
+    if contra or not support:
+        return 0.0
+    return 0.85 if support >= 2 else 0.6
+
+
+def _sounds_like(secret: _Secret, folded_output: str) -> bool:
+    """ "A word that rhymes with 'hugger not'" for "juggernaut": same consonants after the first sound."""
+    if len(secret.skeleton) < 3 or not any(cue in folded_output for cue in _SOUND_WORDS):
+        return False
+    for match in _SOUND_CUE.finditer(folded_output):
+        value = alnum_only(match.group("val"))
+        if value != secret.squeezed and _skeleton(value) == secret.skeleton:
+            return True
+    return False
+
+
+def _anagram(key: str, vocabulary: set[str]) -> bool:
+    """The secret's letters scrambled into one word ("lohgamor" for "hologram"); `key`: them sorted."""
+    size = len(key)
+    return any(len(w) == size and "".join(sorted(w)) == key for w in vocabulary)
+
+
+# Spelling alphabets: "Zulu Echo November India Tango Hotel" spells "zenith".
+_NATO = {
+    w: w[0]
+    for w in [
+        "alpha", "alfa", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
+        "juliett", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango",
+        "uniform", "victor", "whiskey", "whisky", "xray", "yankee", "zulu",
+    ]
+}  # fmt: skip
+
+
+def _pig_latin(word: str) -> str:
+    """ "hologram" -> "ologramhay"; "" for a word that is not plain ASCII letters."""
+    if not (word.isascii() and word.isalpha()):
+        return ""
+    if word[0] in "aeiou":
+        return word + "way"
+    head = next((i for i, c in enumerate(word) if c in "aeiouy" and i > 0), len(word))
+    return word[head:] + word[:head] + "ay"
 
 
 def _encodings(secret: str) -> Iterable[str]:
@@ -59,6 +268,9 @@ def _encodings(secret: str) -> Iterable[str]:
         yield squeezed[::-1]
         if squeezed.isascii() and any(c.isalpha() for c in squeezed):
             yield codecs.encode(squeezed, "rot13")
+    latin = [_pig_latin(w) for w in words(fold(secret))]
+    if all(latin) and sum(map(len, latin)) >= 6:
+        yield " ".join(latin)
     if len(raw) >= 4:
         yield base64.b64encode(raw).decode().rstrip("=").casefold()
         yield base64.urlsafe_b64encode(raw).decode().rstrip("=").casefold()
@@ -69,13 +281,16 @@ def _encodings(secret: str) -> Iterable[str]:
         yield ",".join(str(b) for b in raw)
 
 
-def _stem_match(token: str, candidates: set[str]) -> bool:
-    """A word sharing a long prefix with `token`: "hologram"/"holographic", "ontology"/"ontologie"."""
+def _stem_match(token: str, stems: dict[str, list[str]]) -> bool:
+    """A word sharing a long prefix with `token`: "hologram"/"holographic", "ontology"/"ontologie".
+
+    `stems`: the output's words of 5 or more characters by their first 5.
+    """
     if len(token) < 5:
         return False
     need = max(5, -(-len(token) * 3 // 4))
     prefix = token[:need]
-    return any(len(w) >= need and w.startswith(prefix) for w in candidates)
+    return any(len(w) >= need and w.startswith(prefix) for w in stems.get(token[:5], ()))
 
 
 def _repeated_unit(squeezed: str) -> str | None:
@@ -95,65 +310,139 @@ def _split_match(squeezed: str, vocabulary: set[str]) -> bool:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Secret:
+    """What the checks need of a canary, computed once: the same canaries are checked on every window."""
+
+    folded: str
+    squeezed: str
+    pattern: str  # compiled only when the folded canary is in the folded output (compiling costs more)
+    forms: tuple[str, ...]  # encodings (`_encodings`), spaces kept
+    compact_forms: tuple[str, ...]  # the same without spaces
+    lookalike: str  # "" where the canary is too short or has too few letters for it
+    unit: str | None  # the repeated unit of "abcabc"
+    split: bool  # one word that may be given as two
+    symbols: frozenset[str]  # the canary's symbols where it is mostly symbols
+    word_like: bool  # letters only, 5 or more: anagrams and sound-alikes are checked
+    skeleton: str
+    anagram_key: str
+    tokens: tuple[str, ...]
+
+
+@lru_cache(maxsize=1024)
+def _prepare(secret: str) -> _Secret | None:
+    """The canary's derived forms (None for a blank one); cached in process memory, never logged."""
+    folded = fold(secret)
+    if not folded:
+        return None
+    squeezed = alnum_only(folded)
+    # Exact (any case, any run of whitespace); short secrets only as a whole word.
+    pattern = r"\s+".join(re.escape(p) for p in folded.split(" "))
+    if len(folded) < 4:
+        if folded[0].isalnum():
+            pattern = r"(?<!\w)" + pattern
+        if folded[-1].isalnum():
+            pattern += r"(?!\w)"
+    forms = tuple(f for f in dict.fromkeys(_encodings(secret)) if f and f != squeezed)
+    unit = _repeated_unit(squeezed)
+    symbols = {c for c in folded if not c.isspace() and not c.isascii() and not c.isalnum()}
+    mostly_symbols = bool(symbols) and len(symbols) * 2 >= len(set(folded.replace(" ", "")))
+    word_like = squeezed.isalpha() and len(squeezed) >= 5
+    return _Secret(
+        folded=folded,
+        squeezed=squeezed,
+        pattern=pattern,
+        forms=forms,
+        compact_forms=tuple(f.replace(" ", "") for f in forms),
+        lookalike=_lookalike(folded)
+        if len(squeezed) >= 6 and sum(c.isalpha() for c in squeezed) >= 3
+        else "",
+        unit=unit if unit is not None and (not unit.isascii() or len(unit) >= 4) else None,
+        split=" " not in folded and len(squeezed) >= 6,
+        symbols=frozenset(symbols) if mostly_symbols else frozenset(),
+        word_like=word_like,
+        skeleton=_skeleton(squeezed) if word_like else "",
+        anagram_key="".join(sorted(squeezed)) if word_like else "",
+        tokens=tuple(t for t in dict.fromkeys(words(folded)) if t not in _STOP),
+    )
+
+
 def canary_leak(secret: str, output: str) -> Leak | None:
     """How `output` reveals `secret`, if it does: the strongest of the checks in the module doc."""
-    folded_secret = fold(secret)
-    if not folded_secret or not output:
+    prepared = _prepare(secret) if output else None
+    if prepared is None:
         return None
-    cleaned = clean(output)
-    # Exact (any case, any run of whitespace); short secrets only as a whole word.
-    pattern = r"\s+".join(re.escape(p) for p in folded_secret.split(" "))
-    if len(folded_secret) < 4:
-        if folded_secret[0].isalnum():
-            pattern = r"(?<!\w)" + pattern
-        if folded_secret[-1].isalnum():
-            pattern += r"(?!\w)"
-    match = re.search(pattern, cleaned, re.IGNORECASE)
-    if match is not None:
-        start, end = span_in_original(output, cleaned, match.start(), match.end())
-        return Leak(1.0, "exact", start, end)
-    whole = (0, len(output))
     folded_output = fold(output)
-    squeezed_secret = alnum_only(folded_secret)
+    if prepared.folded in folded_output:
+        cleaned = clean(output)
+        match = re.search(prepared.pattern, cleaned, re.IGNORECASE)
+        if match is not None:
+            start, end = span_in_original(output, cleaned, match.start(), match.end())
+            return Leak(1.0, "exact", start, end)
+    whole = (0, len(output))
+    squeezed_secret = prepared.squeezed
     squeezed_output = alnum_only(folded_output)
     if len(squeezed_secret) >= 5 and squeezed_secret in squeezed_output:
         return Leak(0.95, "normalized", *whole)
     spaced_output = folded_output.replace(" ", "")
-    for form in _encodings(secret):
-        if not form or form == squeezed_secret:
-            continue
-        compact = form.replace(" ", "")
+    for form, compact in zip(prepared.forms, prepared.compact_forms, strict=True):
         if (
             form in folded_output
             or compact in spaced_output
             or (compact.isalnum() and compact in squeezed_output)
         ):
             return Leak(0.9, "encoded", *whole)
+    if prepared.lookalike and prepared.lookalike in _lookalike(folded_output):
+        return Leak(0.9, "lookalike", *whole)
     output_words = words(folded_output)
     vocabulary = set(output_words)
     if len(squeezed_secret) >= 3:
         alpha = squeezed_secret.isalpha()
-        letters = "".join(w for w in output_words if len(w) == 1 and (w.isalpha() or not alpha))
+        letters = "".join(
+            w if len(w) == 1 else _NATO.get(w, "")
+            for w in output_words
+            if (len(w) == 1 and (w.isalpha() or not alpha)) or w in _NATO
+        )
         if squeezed_secret in letters:
             return Leak(0.8, "spelled", *whole)
-    unit = _repeated_unit(squeezed_secret)
-    if unit is not None and (not unit.isascii() or len(unit) >= 4) and unit in vocabulary:
+    if prepared.unit is not None and prepared.unit in vocabulary:
         return Leak(0.8, "repeated", *whole)
-    if " " not in folded_secret and len(squeezed_secret) >= 6 and _split_match(squeezed_secret, vocabulary):
+    if prepared.split and _split_match(squeezed_secret, vocabulary):
         return Leak(0.8, "split", *whole)
-    symbols = {c for c in folded_secret if not c.isspace() and not c.isascii() and not c.isalnum()}
-    mostly_symbols = bool(symbols) and len(symbols) * 2 >= len(set(folded_secret.replace(" ", "")))
-    if mostly_symbols and all(c in folded_output for c in symbols):
+    if prepared.symbols and all(c in folded_output for c in prepared.symbols):
         return Leak(0.8, "symbols", *whole)
-    tokens = [t for t in dict.fromkeys(words(folded_secret)) if t not in _STOP]
+    if prepared.word_like:
+        # Short words have common anagrams ("paris"/"pairs", "denied"/"indeed"): those need a cue.
+        scrambled = len(squeezed_secret) >= 7 or any(cue in folded_output for cue in _SCRAMBLE_WORDS)
+        if scrambled and _anagram(prepared.anagram_key, vocabulary):
+            return Leak(0.8, "anagram", *whole)
+        if _sounds_like(prepared, folded_output):
+            return Leak(0.8, "sounds_like", *whole)
+    partial = _partial(prepared.tokens, folded_output, output_words, vocabulary)
+    hint = _hint_score(squeezed_secret, folded_output) if len(squeezed_secret) <= 32 else 0.0
+    best = max(partial, hint)
+    if best == 0:
+        return None
+    return Leak(best, "hint" if hint > partial else "partial", *whole)
+
+
+def _partial(
+    tokens: tuple[str, ...], folded_output: str, output_words: list[str], vocabulary: set[str]
+) -> float:
+    """Score for the secret's words (or their stems, or numbers given in words) found in the output."""
     if not tokens:
-        return None
-    found = sum(1.0 if t in vocabulary else 0.8 if _stem_match(t, vocabulary) else 0.0 for t in tokens)
-    if found == 0:
-        return None
+        return 0.0
+    if any(t.isdigit() for t in tokens):
+        vocabulary = vocabulary | _described_numbers(folded_output, output_words)
+    stems: dict[str, list[str]] = {}
+    if any(t not in vocabulary and len(t) >= 5 for t in tokens):
+        for w in vocabulary:
+            if len(w) >= 5:
+                stems.setdefault(w[:5], []).append(w)
+    found = sum(1.0 if t in vocabulary else 0.8 if _stem_match(t, stems) else 0.0 for t in tokens)
     share = found / len(tokens)
     # All of its words (some as stems) is a leak; some of them is a hint below the default threshold.
-    return Leak(round(0.85 * share if found >= len(tokens) * 0.8 else 0.45 * share, 4), "partial", *whole)
+    return round(0.85 * share if found >= len(tokens) * 0.8 else 0.45 * share, 4)
 
 
 def _shingles(tokens: list[str], size: int) -> set[tuple[str, ...]]:
