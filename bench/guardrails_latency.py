@@ -151,6 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         guard.check_response(answer)
 
     results.append(("check_response (2 KB answer, whole; new guard)", measure(check_output, args.runs // 2)))
+
+    def one_line_round_trip() -> None:
+        """What the gateway benchmark's request costs: a one-line prompt in, a one-line answer out."""
+        chat = ChatRequest(model="m", messages=[Message("user", [TextPart("Say hello in five words.")])])
+        guard = engine.check_input(chat, principal, "m", "bench", "session")
+        assert guard is not None
+        reply = Message("assistant", [TextPart("Hello there, how are you today?")])
+        guard.check_response(ChatResponse("r", "m", 0, [ChatChoice(0, reply)], Usage()))
+
+    results.append(("one-line prompt in and answer out", measure(one_line_round_trip, args.runs)))
     octx = ScanContext(Stage.OUTPUT, request_id="bench", session_id="session")
     for scanner in profile.output.scanners:
         results.append(

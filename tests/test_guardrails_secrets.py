@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from plinth.guardrails.secrets import SecretsScanner, entropy
+from plinth.guardrails.secrets import SecretsScanner, entropy, longest_run
 from plinth.guardrails.types import ScanContext, Stage
 
 CTX = ScanContext(Stage.INPUT)
@@ -73,3 +75,45 @@ def test_options() -> None:
     assert SecretsScanner({"disable": ["AWS_ACCESS_KEY"]}).scan(value, CTX) == []
     with pytest.raises(ValueError, match="unknown option"):
         SecretsScanner({"bogus": 1})
+
+
+def test_the_run_length_gate_never_hides_a_match() -> None:
+    """Rules are skipped when the text has no run of token characters as long as any match of the
+    rule holds; on every example here the gated scanner finds exactly what the ungated one does."""
+    ungated = SecretsScanner()
+    ungated._patterns = tuple(dataclasses.replace(p, min_run=0) for p in ungated._patterns)
+    texts = [
+        "AKIA" + "J7QW3RTY5UIO2PLM",
+        "aws_secret_access_key = " + ("wJalrXUtnFEMI/K7MDENG/bPxRfiCY" + "EXAMPLEKEY"),
+        "ghp_" + A36,
+        "github_pat_" + "A" * 70,
+        "glpat-" + "x7Yz" * 5,
+        "xoxb-" + "1234567890",
+        "https://hooks.slack.com/services/" + "T0/B0/" + "x" * 14,
+        "sk_" + "test_" + "4eC39HqLyjWDarjt",
+        "sk-" + "ant-" + "a" * 20,
+        "sk-" + "a" * 20,
+        "hf_" + "a" * 30,
+        "SG." + "a" * 22 + "." + "b" * 43,
+        "SK" + "0" * 32,
+        "dapi" + "a" * 32,
+        "key-" + "a" * 32,
+        "ya29." + "a" * 20,
+        '{"type": "service_account"}',
+        "AccountKey=" + "a" * 86 + "==",
+        "abc1Q~" + "a" * 31,
+        "?sv=1&sig=" + "a" * 40,
+        "Authorization: Bearer " + "aZ3x" * 5,
+        'token: "9fA0c3Lq8ZpW"',
+        "-----BEGIN PRIVATE KEY-----",
+        "pwd=abc;",
+        "x://u:pw1@h",
+        "Say hello in five words.",
+    ]
+    found = 0
+    for text in texts:
+        gated = SecretsScanner().scan(text, CTX)
+        assert gated == ungated.scan(text, CTX), text
+        found += bool(gated)
+    assert found >= len(texts) - 2  # the shortest match of nearly every rule is among them
+    assert longest_run("Say hello in five words.") == 6  # "words."

@@ -66,6 +66,7 @@ class SecretPattern:
     boundary: bool = False  # the match must not follow a letter, digit or underscore
     before: re.Pattern[str] | None = None  # must match just before the match (searched in 48 chars)
     lead: int = 0  # the finding starts this many characters before the match (checked by `before`)
+    min_run: int = 0  # every match holds a run of at least this many `_RUN` characters (0: unknown)
 
 
 def _p(type_: str, rule: str, pattern: str, score: float = 0.95, group: int = 0, flags: int = 0,
@@ -134,6 +135,28 @@ PATTERNS: tuple[SecretPattern, ...] = (
        check=_random_enough(3.2), before=rf"{_KEY_NAMES}[\"']?[ \t]*$"),
 )  # fmt: skip
 
+# A match of each rule contains a run of at least this many characters of `_RUN` (a class wider than
+# any rule's token alphabet, so a run is never shorter than the rule's token). Most prompts hold no
+# run longer than a word, and then only the rules without a minimum run: one scan of the text
+# instead of thirty regex searches (a short prompt went from about 50 to 10 microseconds).
+_RUN = re.compile(r"[A-Za-z0-9_\-+/=.~%!@#$^&*]+")
+_MIN_RUN = {
+    "private_key": 10, "aws_access_key": 20, "aws_secret_key": 40, "gcp_api_key": 39, "gcp_oauth_token": 25,
+    "gcp_service_account": 15, "azure_storage_key": 86, "azure_client_secret": 33, "azure_sas_token": 40,
+    "github_token": 40, "gitlab_token": 24, "slack_token": 15, "slack_webhook": 20, "stripe_key": 24,
+    "anthropic_api_key": 27, "openai_api_key": 23, "huggingface_token": 33, "npm_token": 40,
+    "pypi_token": 60, "sendgrid_key": 69, "twilio_key": 34, "shopify_token": 37,
+    "digitalocean_token": 70, "databricks_token": 36, "mailgun_key": 36, "jwt": 33, "bearer_token": 20,
+    "high_entropy": 12,
+}  # fmt: skip
+PATTERNS = tuple(
+    dataclasses.replace(p, min_run=_MIN_RUN.get(p.rule.removeprefix("secrets."), 0)) for p in PATTERNS
+)
+
+
+def longest_run(text: str) -> int:
+    return max(map(len, _RUN.findall(text)), default=0)
+
 
 class SecretsScanner:
     """Finds credentials; thread-safe (compiled patterns only)."""
@@ -157,7 +180,10 @@ class SecretsScanner:
 
     def scan(self, text: str, ctx: ScanContext) -> list[Finding]:
         out: list[Finding] = []
+        longest = longest_run(text)
         for p in self._patterns:
+            if p.min_run > longest:
+                continue
             for m in p.regex.finditer(text):
                 start, end = m.span(p.group)
                 if start >= end or (p.check is not None and not p.check(m.group(p.group))):

@@ -21,7 +21,7 @@ def char_ngrams(text: str, lo: int = NGRAM_MIN, hi: int = NGRAM_MAX) -> list[str
     out: list[str] = []
     n = len(folded)
     for size in range(lo, hi + 1):
-        out.extend(folded[i : i + size] for i in range(n - size + 1))
+        out += [folded[i : i + size] for i in range(n - size + 1)]
     return out
 
 
