@@ -38,6 +38,10 @@ class StorageConfig(_Strict):
     url: SecretStr = SecretStr("sqlite:///plinth.db")
     # How often each worker polls for changed keys: a revoked key stops working within this time.
     key_refresh_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+    # Where usage records, audited decisions and guardrail events are inserted: "process" (a child
+    # process per worker, so the inserts never hold the event loop's GIL; docs/metering.md) or
+    # "thread" (a low-priority thread in the worker: one process fewer, a slower 1-connection p99).
+    writer: Literal["process", "thread"] = "process"
 
 
 class PriceConfig(_Strict):
@@ -177,6 +181,19 @@ class StaticKeyConfig(_Strict):
         return self
 
 
+class KnowledgeConfig(_Strict):
+    """Knowledge-base ingestion limits (docs/knowledge.md). URL ingestion refuses every address that
+    is not globally routable (private, loopback, link-local, ...) unless allowed here."""
+
+    allow_private_urls: bool = False
+    # Host names, IP addresses or CIDRs (e.g. "wiki.internal", "10.1.0.0/16") allowed even if private.
+    allowed_url_hosts: list[str] = Field(default_factory=list)
+    url_max_bytes: Annotated[int, Field(ge=1)] = 20 * 1024 * 1024
+    url_timeout_s: Annotated[float, Field(gt=0)] = 30.0  # the whole fetch, redirects included
+    url_max_redirects: Annotated[int, Field(ge=0, le=20)] = 5
+    upload_max_bytes: Annotated[int, Field(ge=1)] = 20 * 1024 * 1024  # one upload request
+
+
 class PlinthConfig(_Strict):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
@@ -188,6 +205,8 @@ class PlinthConfig(_Strict):
     governance: GovernanceConfig = GovernanceConfig()
     # Input and output scanners in profiles (docs/guardrails.md); no default profile: nothing scanned.
     guardrails: GuardrailsConfig = GuardrailsConfig()
+    # Knowledge-base ingestion: URL fetch address rules and size/time limits, upload size.
+    knowledge: KnowledgeConfig = KnowledgeConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> PlinthConfig:

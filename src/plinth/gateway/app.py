@@ -43,6 +43,7 @@ from plinth.guardrails.api import GuardrailsAdmin
 from plinth.guardrails.engine import Guardrails
 from plinth.guardrails.events import EventRecorder
 from plinth.knowledge.admin import KnowledgeAdmin
+from plinth.knowledge.augment import KnowledgeAccess, follow_jobs
 from plinth.knowledge.http import KnowledgeApi
 from plinth.limits import build_limiter
 from plinth.metering import PriceBook, UsageRecorder
@@ -53,6 +54,7 @@ from plinth.providers.http import HttpClient
 from plinth.providers.types import ChatRequest
 from plinth.routing import Router
 from plinth.storage import Database
+from plinth.storage.writer_process import WriterProcess
 from plinth.tenancy import ChainedKeyStore, DatabaseKeyStore, StaticKeyStore
 from plinth.tenancy.service import TenancyService
 
@@ -149,6 +151,11 @@ def create_app(settings: AppSettings) -> Starlette:
     audit_log = AuditLog(database)  # policy decisions, written in batches off the hot path
     governance = Governance(config, database)  # catalog, reviews, kill switches, policies in memory
     guardrail_events = EventRecorder(database)
+    writers = (usage, audit_log, guardrail_events)
+    writer_process = WriterProcess() if config.storage.writer == "process" else None
+    if writer_process is not None:  # inserts in a child process: off this process's GIL
+        for writer in writers:
+            writer.use_process(writer_process)
     guardrails = Guardrails.from_config(config.guardrails, guardrail_events)  # None: nothing to scan
     gateway = Gateway(
         router,
@@ -161,6 +168,8 @@ def create_app(settings: AppSettings) -> Starlette:
         governance=governance,
         audit=audit_log,
     )
+    # Knowledge bases named in chat requests (`plinth` field); shared with /v1/knowledge/*.
+    gateway.knowledge = KnowledgeAccess(gateway, database, governance)
     state = {"ready": False}
 
     async def chat_completions(request: Request) -> Response:
@@ -229,10 +238,10 @@ def create_app(settings: AppSettings) -> Starlette:
         following = asyncio.create_task(
             database_keys.follow(config.storage.key_refresh_s), name="plinth-key-refresh"
         )
-        usage.start()
-        audit_log.start()
+        for writer in writers:
+            writer.start()
         governing = asyncio.create_task(governance.follow(), name="plinth-governance-refresh")
-        guardrail_events.start()
+        resuming = asyncio.create_task(follow_jobs(gateway), name="plinth-kb-jobs")  # crashed ingests
         budgets.start(config.storage.key_refresh_s)
         # Everything built so far lives as long as the process: keep it out of the cyclic GC's
         # scans, which otherwise grow with every imported library and show up as latency spikes.
@@ -247,15 +256,16 @@ def create_app(settings: AppSettings) -> Starlette:
             yield
         finally:
             state["ready"] = False
-            for task in (warming, following, governing):
+            for task in (warming, following, governing, resuming):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await router.aclose()
             await http.aclose()
-            await usage.aclose()  # write every buffered usage record before the database closes
-            await audit_log.aclose()  # and every buffered decision record
-            await guardrail_events.aclose()
+            for writer in writers:  # usage records, decisions, guardrail events: write what is left
+                await writer.aclose()
+            if writer_process is not None:
+                await writer_process.aclose()
             await limiter.aclose()
             await budgets.aclose()  # settlements in flight and pending budget events
             if cache is not None:
@@ -266,7 +276,7 @@ def create_app(settings: AppSettings) -> Starlette:
     admin_extensions: list[AdminExtension] = []
     admin_extensions.append(GovernanceAdmin(database, config, governance))  # hub, approvals, kill, audit
     admin_extensions.append(GuardrailsAdmin(guardrails))  # session-risk blocks: list, clear
-    admin_extensions.append(KnowledgeAdmin(database))  # knowledge bases: list, show, create, delete
+    admin_extensions.append(KnowledgeAdmin(database, config.knowledge))  # knowledge bases, ingest jobs
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -278,7 +288,7 @@ def create_app(settings: AppSettings) -> Starlette:
         Route("/models", list_models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        *KnowledgeApi(gateway, database, governance).routes(),  # /v1/knowledge/{kb}/query
+        *KnowledgeApi(gateway, database, governance, config.knowledge).routes(),  # /v1/knowledge/...
         admin_routes(tenancy, keys, admin_extensions),
     ]
     if config.server.metrics:

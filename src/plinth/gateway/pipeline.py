@@ -13,7 +13,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from starlette.requests import Request
@@ -30,13 +30,26 @@ from plinth.metering.recorder import UsageRecorder
 from plinth.observability import metrics
 from plinth.providers.base import ChatStream, ProviderError
 from plinth.providers.tokens import estimate_prompt_tokens
-from plinth.providers.types import ChatRequest, ChatResponse, StreamEvent, Usage, UsageEvent
+from plinth.providers.types import (
+    ChatRequest,
+    ChatResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    StreamEvent,
+    Usage,
+    UsageEvent,
+)
 from plinth.routing import Attempt, ModelRoute, Router, UnknownModel
 from plinth.tenancy import KeyStore, Principal
+
+if TYPE_CHECKING:
+    from plinth.knowledge.augment import Grounding, KnowledgeAccess, Retrieval
 
 log = logging.getLogger("plinth.gateway")
 
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+# The request body field of Plinth's own extensions (knowledge bases: docs/knowledge.md).
+EXTENSION = "plinth"
 
 
 # --- protocol codecs -------------------------------------------------------------------------
@@ -152,6 +165,7 @@ class Gateway:
         self.guardrails = guardrails  # None: no guardrail profile can apply (nothing scanned)
         self.governance = governance  # None: no policy step (library use without a configuration)
         self.audit = audit  # where decisions are recorded (governance.audit_decisions)
+        self.knowledge: KnowledgeAccess | None = None  # set by the app that serves knowledge bases
 
     async def admit(
         self, ctx: RequestContext, principal: Principal, route: ModelRoute, chat: ChatRequest | None
@@ -173,6 +187,14 @@ class Gateway:
             if hold.headers:
                 ctx.admission_headers = {**(ctx.admission_headers or {}), **hold.headers}
         return ctx.holds
+
+    async def retrieve(
+        self, principal: Principal, chat: ChatRequest, request_id: str | None = None
+    ) -> Retrieval:
+        """Search the knowledge bases the request names in its `plinth` field (removed from it)."""
+        if self.knowledge is None:
+            raise GatewayError(400, "Knowledge bases are not served here.", param=EXTENSION)
+        return await self.knowledge.retrieve(principal, chat, request_id)
 
     def guard_input(
         self, request: Request, ctx: RequestContext, principal: Principal, chat: ChatRequest
@@ -367,10 +389,16 @@ async def handle_chat(gateway: Gateway, request: Request, protocol: ChatProtocol
         route = gateway.resolve(chat.model, principal, "chat")
         ctx.model_label = route.name
         ctx.metered_model = chat.model
+        # 3b. Knowledge bases named in the `plinth` field: searched with the last user message,
+        #     within the key's team and the `retrieve` policy (docs/knowledge.md). Else no cost.
+        found = await gateway.retrieve(principal, chat, ctx.request_id) if EXTENSION in chat.extra else None
         # 4. Guardrails scan the input and rewrite `chat` (masks, pseudonyms) or refuse it naming
-        #    the rule (docs/guardrails.md). Then policy: may this data go to this model, and through
-        #    which deployments (docs/governance.md)? Findings raise the request's classification.
+        #    the rule (docs/guardrails.md). Retrieved passages are screened as indirect input (a
+        #    blocked one is dropped) and added as sources. Then policy: may this data go to this
+        #    model, and through which deployments (docs/governance.md)? Findings raise the
+        #    request's classification.
         guard = gateway.guard_input(request, ctx, principal, chat)
+        grounding = await found.ground(chat, guard) if found is not None else None
         decision = gateway.authorize(request, ctx, principal, route, "invoke", guard)
         allowed = decision.deployments if decision is not None and decision.excluded else None
         # 4b. Response cache, only when the key or request opted in (docs/caching.md). Before
@@ -379,12 +407,12 @@ async def handle_chat(gateway: Gateway, request: Request, protocol: ChatProtocol
         if plan is not None and gateway.cache is not None:
             cached = await gateway.cache.lookup(plan)
             if cached is not None:
-                return _cached_answer(gateway, chat, cached, ctx, protocol)
+                return _cached_answer(gateway, chat, cached, ctx, protocol, grounding)
         # 5. Limits and budgets: reserve now; settled with the outcome by meter_request.
         await gateway.admit(ctx, principal, route, chat)
         # 6. Route to a deployment and call the provider, with retries and fallback.
         if chat.stream:
-            return await _stream(gateway, chat, route, ctx, protocol, plan, guard, allowed)
+            return await _stream(gateway, chat, route, ctx, protocol, plan, guard, allowed, grounding)
         answer = await gateway.router.chat(route, chat, ctx.attempt, allowed)
         if guard is not None:
             answer = guard.check_response(answer)  # output checks, then pseudonyms restored
@@ -394,7 +422,7 @@ async def handle_chat(gateway: Gateway, request: Request, protocol: ChatProtocol
         return error_response(err, ctx, endpoint)
     # 7. Meter, settle and answer.
     meter_request(gateway, ctx, endpoint, 200, answer.usage)
-    body = orjson.dumps(protocol.encode(answer, chat.model))
+    body = orjson.dumps(_encode(protocol, answer, chat.model, grounding))
     headers = response_headers(ctx, endpoint)
     if plan is not None and gateway.cache is not None:
         headers["x-plinth-cache"] = plan.header
@@ -403,8 +431,22 @@ async def handle_chat(gateway: Gateway, request: Request, protocol: ChatProtocol
     return Response(body, 200, headers, "application/json")
 
 
+def _encode(
+    protocol: ChatProtocol, answer: ChatResponse, model: str, grounding: Grounding | None
+) -> dict[str, Any]:
+    body = protocol.encode(answer, model)
+    if grounding is not None:
+        body[EXTENSION] = grounding.extension()  # citations of the knowledge-base sources
+    return body
+
+
 def _cached_answer(
-    gateway: Gateway, chat: ChatRequest, answer: ChatResponse, ctx: RequestContext, protocol: ChatProtocol
+    gateway: Gateway,
+    chat: ChatRequest,
+    answer: ChatResponse,
+    ctx: RequestContext,
+    protocol: ChatProtocol,
+    grounding: Grounding | None = None,
 ) -> Response:
     """Serve a cache hit in the caller's protocol (a stream is replayed in one write); cost 0."""
     endpoint = protocol.endpoint
@@ -413,8 +455,11 @@ def _cached_answer(
     headers["x-plinth-cache"] = "hit"
     _finish_metrics(ctx, endpoint, 200)
     if not chat.stream:
-        return Response(orjson.dumps(protocol.encode(answer, chat.model)), 200, headers, "application/json")
+        body = orjson.dumps(_encode(protocol, answer, chat.model, grounding))
+        return Response(body, 200, headers, "application/json")
     encoder = protocol.stream_encoder(chat, canonical.replay_stream(answer))
+    if grounding is not None:
+        encoder = grounding.stream_encoder(encoder)
     events = b"".join(encoder.encode(event) for event in canonical.replay_events(answer))
     body = encoder.start() + events + encoder.finish()
     return Response(body, 200, {**headers, **_SSE_HEADERS}, "text/event-stream")
@@ -429,12 +474,15 @@ async def _stream(
     plan: CachePlan | None = None,
     guard: Guard | None = None,
     allowed: tuple[str, ...] | None = None,
+    grounding: Grounding | None = None,
 ) -> Response:
     # Fallback is possible until the first event: the router returns only once it has one.
     stream, first = await gateway.router.stream_chat(route, chat, ctx.attempt, allowed)
     if guard is not None:
         first = guard.stream_guard().wrap(stream, first)  # scanned in windows, bounded hold-back
     encoder = protocol.stream_encoder(chat, stream)
+    if grounding is not None:
+        encoder = grounding.stream_encoder(encoder)  # the citations ride in the stream
     headers = response_headers(ctx, protocol.endpoint)
     if plan is not None and gateway.cache is not None:
         headers["x-plinth-cache"] = plan.header
@@ -497,14 +545,7 @@ async def handle_embeddings(gateway: Gateway, request: Request, endpoint: Endpoi
     try:
         principal = ctx.principal = gateway.authenticate(request, allow_x_api_key=endpoint.accepts_x_api_key)
         embed = openai_protocol.decode_embedding_request(await gateway.read_json(request))
-        route = gateway.resolve(embed.model, principal, "embedding")
-        ctx.model_label = route.name
-        ctx.metered_model = embed.model
-        # Policy, limits and budgets apply here too: embeddings are model calls like any other.
-        decision = gateway.authorize(request, ctx, principal, route, "embed")
-        allowed = decision.deployments if decision is not None and decision.excluded else None
-        await gateway.admit(ctx, principal, route, None)
-        answer = await gateway.router.embed(route, embed, ctx.attempt, allowed)
+        answer = await _embed(gateway, request, ctx, principal, embed)
     except (GatewayError, ProviderError) as exc:
         err = as_gateway_error(exc)
         meter_request(gateway, ctx, endpoint, err.status, None)
@@ -514,3 +555,35 @@ async def handle_embeddings(gateway: Gateway, request: Request, endpoint: Endpoi
     headers = response_headers(ctx, endpoint)
     _finish_metrics(ctx, endpoint, 200)
     return Response(body, 200, headers, "application/json")
+
+
+async def _embed(
+    gateway: Gateway, request: Request, ctx: RequestContext, principal: Principal, embed: EmbeddingRequest
+) -> EmbeddingResponse:
+    route = gateway.resolve(embed.model, principal, "embedding")
+    ctx.model_label = route.name
+    ctx.metered_model = embed.model
+    # Policy, limits and budgets apply here too: embeddings are model calls like any other.
+    decision = gateway.authorize(request, ctx, principal, route, "embed")
+    allowed = decision.deployments if decision is not None and decision.excluded else None
+    await gateway.admit(ctx, principal, route, None)
+    return await gateway.router.embed(route, embed, ctx.attempt, allowed)
+
+
+async def embed_in_process(
+    gateway: Gateway, principal: Principal, embed: EmbeddingRequest, endpoint: Endpoint
+) -> EmbeddingResponse:
+    """`/v1/embeddings` for callers inside the server (knowledge-base ingestion and queries): the
+    same catalog, policy, limits, budgets and usage records, on `principal`, without HTTP (no
+    headers: the key's own classification and the default region apply). Raises GatewayError."""
+    request = Request({"type": "http", "method": "POST", "path": "/v1/embeddings", "headers": []})
+    ctx = new_context(request)
+    ctx.principal = principal
+    try:
+        answer = await _embed(gateway, request, ctx, principal, embed)
+    except (GatewayError, ProviderError) as exc:
+        err = as_gateway_error(exc)
+        meter_request(gateway, ctx, endpoint, err.status, None)
+        raise err from None
+    meter_request(gateway, ctx, endpoint, 200, answer.usage)
+    return answer

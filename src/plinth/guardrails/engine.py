@@ -284,6 +284,30 @@ class Guard:
                 )
                 self._raise_if_blocked(hits)
 
+    def screen_retrieved(self, passages: Sequence[tuple[str, str]]) -> list[str | None]:
+        """Scan retrieved passages (knowledge-base chunks; `(where, text)`) as indirect input, with
+        the profile's input scanners and `Source.RETRIEVED` (the injection scanner's lower
+        threshold). Returns each text rewritten (masks, pseudonyms), or None where a finding's
+        action is block: that passage is dropped, not the request. Findings are recorded as input
+        events; they do not count towards the caller's session risk (the caller did not write them)."""
+        plan = self.profile.input
+        ctx = self.context(Stage.INPUT, Source.RETRIEVED)
+        out: list[str | None] = []
+        acted: list[Hit] = []
+        try:
+            for where, text in passages:
+                hits = self.judge(self.findings(text, plan, ctx, where), plan, where)
+                acted.extend(hits)
+                if any(h.action is Action.BLOCK for h in hits):
+                    out.append(None)
+                    continue
+                self.input.hits.extend(hits)  # what reaches the model raises the request's class
+                edits = [h for h in hits if h.action in (Action.MASK, Action.PSEUDONYMIZE)]
+                out.append(rewrite(text, edits, self.pseudonyms, restorable=True) if edits else text)
+        finally:
+            self.engine.record(self, acted, Stage.INPUT)
+        return out
+
     @staticmethod
     def _raise_if_blocked(hits: list[Hit]) -> None:
         for h in hits:

@@ -3,6 +3,12 @@
 Permissions reuse the project ones, since a base is a team-level resource like a project: reading
 needs `teams:read`, creating and deleting `projects:write` (platform and team admins). Team admins
 and developers act on their own team only; a base of another team is a 404.
+
+Ingestion here is from a URL only (`POST /knowledge-bases/{kb}/ingest`, JSON bodies are capped at
+1 MiB by the admin API): files are uploaded on the data plane with a team key (ingest_http.py).
+Jobs are listed, shown, resumed and cancelled here too. A base embedded through the gateway
+(`gateway:<model>`) is ingested on the data plane only: the embedding calls need a team key. Every POST is in the admin audit trail (the API's
+observer), and each job's end is recorded by the job itself.
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from plinth.admin.api import Call, Operation
 from plinth.gateway.errors import GatewayError
+from plinth.knowledge.jobs import JobList, JobOut
 from plinth.storage import Database
 
 if TYPE_CHECKING:
+    from plinth.config.schema import KnowledgeConfig
+    from plinth.knowledge.jobs import IngestJobs
     from plinth.knowledge.store import KnowledgeStore
 
 
@@ -28,6 +37,7 @@ class KbCreate(BaseModel):
     team_id: str | None = None  # default: the caller's own team
     chunk_size: int = Field(default=180, ge=1, le=2000)
     chunk_overlap: int = Field(default=30, ge=0, le=1999)
+    chunking: Literal["structure", "fixed", "semantic", "hierarchical"] = "structure"
     plaintext: bool = False  # required when PLINTH_MASTER_KEY is unset
 
 
@@ -52,9 +62,38 @@ class KbDeleted(BaseModel):
     deleted: bool = True
 
 
+class KbIngest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=2000)  # http(s); private addresses refused unless allowed
+
+
 class KnowledgeAdmin:
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, knowledge: KnowledgeConfig | None = None) -> None:
+        """`knowledge`: the `knowledge:` configuration (URL ingestion rules and limits)."""
         self.database = database
+        self.knowledge = knowledge
+        self._jobs: IngestJobs | None = None
+
+    @property
+    def jobs(self) -> IngestJobs:
+        if self._jobs is None:
+            from plinth.governance.audit import AuditLog
+            from plinth.knowledge.crypto import CryptoError, master_key_from_env
+            from plinth.knowledge.fetch import FetchPolicy
+            from plinth.knowledge.jobs import IngestJobs, StoreProvider
+
+            try:
+                key = master_key_from_env()
+            except CryptoError as exc:
+                raise GatewayError(500, f"knowledge bases: {exc}", code="server_misconfigured") from None
+            self._jobs = IngestJobs(
+                self.database,
+                StoreProvider(self.database, key),
+                FetchPolicy.from_config(self.knowledge),
+                audit=AuditLog(self.database),  # job ends (admin actions are written at once)
+            )
+        return self._jobs
 
     def _store(self, encrypt: bool = False) -> KnowledgeStore:
         from plinth.knowledge.crypto import CryptoError, master_key_from_env
@@ -119,7 +158,11 @@ class KnowledgeAdmin:
                 param="plaintext",
             )
         store = self._store(encrypt=not body.plaintext)
-        settings = {"chunk_size": body.chunk_size, "chunk_overlap": body.chunk_overlap}
+        settings = {
+            "chunk_size": body.chunk_size,
+            "chunk_overlap": body.chunk_overlap,
+            "chunking": body.chunking,
+        }
         try:
             base = store.create_base(team_id, body.name, settings)
         except KnowledgeError as exc:
@@ -131,6 +174,80 @@ class KnowledgeAdmin:
         store, base = self._get(call)
         store.delete_base(base.id, None)
         return KbDeleted(id=base.id)
+
+    def _ingest_url(self, call: Call) -> JobOut:
+        """Start a job that fetches a URL into the knowledge base (202; poll the job for progress)."""
+        from plinth.knowledge.embedders import GATEWAY_PREFIX
+        from plinth.knowledge.fetch import FetchError, resolve, validate_url
+        from plinth.knowledge.jobs import JobError, job_out
+
+        _store, base = self._get(call)
+        jobs = self.jobs
+        embedder = str(base.settings.get("embedder", ""))
+        if embedder.startswith(GATEWAY_PREFIX):
+            raise GatewayError(
+                400,
+                f"this knowledge base embeds through the gateway ({embedder}): ingest with a team key "
+                f"(POST /v1/knowledge/{base.id}/documents with {{'url': ...}})",
+                param="kb",
+            )
+        try:
+            parsed = validate_url(call.body_as(KbIngest).url)
+            resolve(parsed, jobs.fetch_policy)  # a private address is a 400 now, and again at connect
+        except FetchError as exc:
+            raise GatewayError(400, f"'url' refused: {exc}", param="url") from None
+        try:  # the job and the audit trail name the URL without its query string (fetch.source_for)
+            job = jobs.create(
+                base, "url", str(parsed), actor=call.actor.label, request_id=call.request_id, record=False
+            )
+        except JobError as exc:
+            raise GatewayError(exc.status, str(exc), param="url") from None
+        jobs.start(job.id)
+        return job_out(job)
+
+    def _list_jobs(self, call: Call) -> JobList:
+        """A knowledge base's ingestion jobs, newest first (the last 50)."""
+        from plinth.knowledge.jobs import job_out
+
+        _store, base = self._get(call)
+        return JobList(data=[job_out(j) for j in self.jobs.list(None, base.id)])
+
+    def _job(self, call: Call) -> Any:
+        from plinth.knowledge.jobs import JobError
+
+        _store, base = self._get(call)
+        try:
+            return self.jobs.get(call.path["job_id"], None, base.id)
+        except JobError as exc:
+            raise GatewayError(exc.status, str(exc), code="not_found") from None
+
+    def _show_job(self, call: Call) -> JobOut:
+        """One ingestion job: status, file counts, per-file errors."""
+        from plinth.knowledge.jobs import job_out
+
+        return job_out(self._job(call))
+
+    def _resume_job(self, call: Call) -> JobOut:
+        """Resume an interrupted, failed or partial ingestion job (files already done are skipped)."""
+        from plinth.knowledge.jobs import FOLDER_RESUME, JobError, job_out
+
+        job = self._job(call)
+        if job.kind == "folder":  # the gateway never reads a local folder for an API caller
+            raise GatewayError(400, FOLDER_RESUME, param="job_id")
+        try:
+            return job_out(self.jobs.resume(job.id, None))
+        except JobError as exc:
+            raise GatewayError(exc.status, str(exc), code="conflict" if exc.status == 409 else None) from None
+
+    def _cancel_job(self, call: Call) -> JobOut:
+        """Stop a queued or running ingestion job (the files already ingested stay)."""
+        from plinth.knowledge.jobs import JobError, job_out
+
+        job = self._job(call)
+        try:
+            return job_out(self.jobs.cancel(job.id, None, actor=call.actor.label))
+        except JobError as exc:
+            raise GatewayError(exc.status, str(exc), code="conflict" if exc.status == 409 else None) from None
 
     def operations(self) -> list[Operation]:
         read, write = "teams:read", "projects:write"
@@ -145,4 +262,17 @@ class KnowledgeAdmin:
             Operation("DELETE", "/knowledge-bases/{kb}", self._delete_base, KbDeleted,
                       "Delete a knowledge base", "knowledge", write, "delete knowledge bases",
                       errors=(404,)),
+            Operation("POST", "/knowledge-bases/{kb}/ingest", self._ingest_url, JobOut,
+                      "Ingest a URL into a knowledge base", "knowledge", write, "ingest into knowledge bases",
+                      status=202, body=KbIngest, errors=(400, 404)),
+            Operation("GET", "/knowledge-bases/{kb}/jobs", self._list_jobs, JobList,
+                      "List ingestion jobs", "knowledge", read, "read knowledge bases", errors=(404,)),
+            Operation("GET", "/knowledge-bases/{kb}/jobs/{job_id}", self._show_job, JobOut,
+                      "Show an ingestion job", "knowledge", read, "read knowledge bases", errors=(404,)),
+            Operation("POST", "/knowledge-bases/{kb}/jobs/{job_id}/resume", self._resume_job, JobOut,
+                      "Resume an ingestion job", "knowledge", write, "ingest into knowledge bases",
+                      status=202, errors=(400, 404, 409)),
+            Operation("POST", "/knowledge-bases/{kb}/jobs/{job_id}/cancel", self._cancel_job, JobOut,
+                      "Cancel an ingestion job", "knowledge", write, "ingest into knowledge bases",
+                      errors=(404, 409)),
         ]  # fmt: skip

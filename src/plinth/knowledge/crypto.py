@@ -4,6 +4,9 @@ Each team's random data key is stored wrapped (AES-GCM) by the master key from P
 (32 bytes, base64 or hex). Ciphertexts are bound to their knowledge base through the associated
 data, so a row copied into another base does not decrypt. Not protected: the BM25 index (FTS5
 terms, and the sorted term bag it is built from), document sources and metadata.
+
+Files waiting in an ingestion job (an upload's bytes, a URL with its query string) are sealed with
+the same team key, bound to the job id and file name (`seal_staged`), until they are processed.
 """
 
 from __future__ import annotations
@@ -73,3 +76,18 @@ class TeamCipher:
         if not stored.startswith(PREFIX):
             return stored
         return self.open(base64.b64decode(stored[len(PREFIX) :]), kb_id).decode()
+
+    def seal_staged(self, data: bytes, job_id: str, source: str) -> bytes:
+        """A file waiting in ingestion job `job_id` (kb_job_files.data): the associated data binds
+        it to the job and the file name, so staged bytes moved to another job or file fail to open."""
+        return self.seal(data, _staged_ad(job_id, source))
+
+    def open_staged(self, sealed: bytes, job_id: str, source: str) -> bytes:
+        try:
+            return self.open(sealed, _staged_ad(job_id, source))
+        except CryptoError:
+            raise CryptoError(f"staged file {source!r} of job {job_id} failed authentication") from None
+
+
+def _staged_ad(job_id: str, source: str) -> str:
+    return f"kb_job_files\x00{job_id}\x00{source}"

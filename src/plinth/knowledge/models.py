@@ -1,4 +1,8 @@
-"""Knowledge-base tables (created by migration 0005; the FTS5 index there is raw SQL, SQLite only)."""
+"""Knowledge-base tables (migrations 0005 and 0008).
+
+Raw SQL, not mapped here: the FTS5 index (SQLite), the generated `search_tsv` column with its GIN
+index (PostgreSQL), and `kb_vectors` (PostgreSQL with pgvector, created by the store).
+"""
 
 from __future__ import annotations
 
@@ -47,6 +51,10 @@ class KbChunk(Base):
     search_text: Mapped[str] = mapped_column(Text)  # what BM25 indexes (heading path + text)
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     vector: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Hierarchical chunking: a child's parent row. Parents have no vector and empty search_text.
+    parent_id: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), index=True, default=None
+    )
 
 
 class KbTeamKey(Base):
