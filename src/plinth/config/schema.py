@@ -38,10 +38,6 @@ class StorageConfig(_Strict):
     url: SecretStr = SecretStr("sqlite:///plinth.db")
     # How often each worker polls for changed keys: a revoked key stops working within this time.
     key_refresh_s: Annotated[float, Field(gt=0, le=60)] = 0.5
-    # Where usage records, audited decisions and guardrail events are inserted: "process" (a child
-    # process per worker, so the inserts never hold the event loop's GIL; docs/metering.md) or
-    # "thread" (a low-priority thread in the worker: one process fewer, a slower 1-connection p99).
-    writer: Literal["process", "thread"] = "process"
 
 
 class PriceConfig(_Strict):

@@ -54,7 +54,6 @@ from plinth.providers.http import HttpClient
 from plinth.providers.types import ChatRequest
 from plinth.routing import Router
 from plinth.storage import Database
-from plinth.storage.writer_process import WriterProcess
 from plinth.tenancy import ChainedKeyStore, DatabaseKeyStore, StaticKeyStore
 from plinth.tenancy.service import TenancyService
 
@@ -151,11 +150,7 @@ def create_app(settings: AppSettings) -> Starlette:
     audit_log = AuditLog(database)  # policy decisions, written in batches off the hot path
     governance = Governance(config, database)  # catalog, reviews, kill switches, policies in memory
     guardrail_events = EventRecorder(database)
-    writers = (usage, audit_log, guardrail_events)
-    writer_process = WriterProcess() if config.storage.writer == "process" else None
-    if writer_process is not None:  # inserts in a child process: off this process's GIL
-        for writer in writers:
-            writer.use_process(writer_process)
+    writers = (usage, audit_log, guardrail_events)  # batch inserts on the low-priority writer thread
     guardrails = Guardrails.from_config(config.guardrails, guardrail_events)  # None: nothing to scan
     gateway = Gateway(
         router,
@@ -264,8 +259,6 @@ def create_app(settings: AppSettings) -> Starlette:
             await http.aclose()
             for writer in writers:  # usage records, decisions, guardrail events: write what is left
                 await writer.aclose()
-            if writer_process is not None:
-                await writer_process.aclose()
             await limiter.aclose()
             await budgets.aclose()  # settlements in flight and pending budget events
             if cache is not None:

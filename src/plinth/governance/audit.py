@@ -31,7 +31,6 @@ from sqlalchemy.orm import Session
 from plinth.governance.models import AuditHead, AuditRecord
 from plinth.storage import Database, utcnow
 from plinth.storage.batches import BatchWriter
-from plinth.storage.writer_process import Task
 
 if TYPE_CHECKING:
     from plinth.governance.engine import Decision
@@ -156,12 +155,6 @@ def append(connection: Connection | Session, entries: Sequence[Entry]) -> int:
 
 _COLUMNS = ("seq", "created_at", "kind", "actor", "action", "target", "outcome", "reason", "request_id",
             "policy_ids", "detail", "prev_hash", "hash")  # fmt: skip
-
-
-def insert_entries(database: Database, entries: list[Entry]) -> None:
-    """Append entries in a transaction of their own (the batch writer's task)."""
-    with database.engine.begin() as connection:
-        append(connection, entries)
 
 
 def _insert_rows(connection: Connection, rows: list[dict[str, Any]]) -> None:
@@ -404,7 +397,7 @@ class AuditLog(BatchWriter[Entry]):
         super().__init__(
             interval_s=interval_s, batch_size=batch_size, max_buffer=max_buffer, dropped=DROPPED, log=log
         )
-        self.db = self.database = db
+        self.db = db
 
     # --- admin actions (blocking; admin handlers run in worker threads) --------------------------
 
@@ -471,8 +464,9 @@ class AuditLog(BatchWriter[Entry]):
             )
         )
 
-    def task(self) -> Task:
-        return insert_entries
+    def write_batch(self, batch: list[Entry]) -> None:
+        with self.db.engine.begin() as connection:
+            append(connection, batch)
 
     # --- reading ---------------------------------------------------------------------------------
 

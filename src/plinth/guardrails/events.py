@@ -17,7 +17,6 @@ from prometheus_client import Counter
 
 from plinth.storage import Database
 from plinth.storage.batches import BatchWriter
-from plinth.storage.writer_process import Task
 
 log = logging.getLogger("plinth.guardrails")
 
@@ -73,31 +72,27 @@ class EventRecorder(BatchWriter[GuardrailEvent]):
     def record(self, event: GuardrailEvent) -> None:
         self.append(event)
 
-    def task(self) -> Task:
-        return insert_guardrail_events
-
-
-def insert_guardrail_events(database: Database, batch: list[GuardrailEvent]) -> None:
-    with database.engine.begin() as connection:
-        sqlite = connection.dialect.name == "sqlite"
-        rows: list[tuple[Any, ...]] = []
-        for e in batch:
-            created = dt.datetime.fromtimestamp(e.created, dt.UTC).replace(tzinfo=None)
-            rows.append(
-                (
-                    _clip(e.request_id, 128),
-                    created.strftime("%Y-%m-%d %H:%M:%S.%f") if sqlite else created,
-                    e.stage, _clip(e.profile, 100), _clip(e.scanner, 100), _clip(e.rule, 200),
-                    _clip(e.type, 64), e.action, float(e.score), _clip(e.location, 200), e.data_class,
-                    _clip(e.key_id, 200), _clip(e.team_id, 40), _clip(e.model, 200),
-                )
-            )  # fmt: skip
-        mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
-        sql = (
-            f"INSERT INTO guardrail_events ({', '.join(_COLUMNS)}) "
-            f"VALUES ({', '.join([mark] * len(_COLUMNS))})"
-        )
-        connection.exec_driver_sql(sql, rows)
+    def write_batch(self, batch: list[GuardrailEvent]) -> None:
+        with self.database.engine.begin() as connection:
+            sqlite = connection.dialect.name == "sqlite"
+            rows: list[tuple[Any, ...]] = []
+            for e in batch:
+                created = dt.datetime.fromtimestamp(e.created, dt.UTC).replace(tzinfo=None)
+                rows.append(
+                    (
+                        _clip(e.request_id, 128),
+                        created.strftime("%Y-%m-%d %H:%M:%S.%f") if sqlite else created,
+                        e.stage, _clip(e.profile, 100), _clip(e.scanner, 100), _clip(e.rule, 200),
+                        _clip(e.type, 64), e.action, float(e.score), _clip(e.location, 200), e.data_class,
+                        _clip(e.key_id, 200), _clip(e.team_id, 40), _clip(e.model, 200),
+                    )
+                )  # fmt: skip
+            mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
+            sql = (
+                f"INSERT INTO guardrail_events ({', '.join(_COLUMNS)}) "
+                f"VALUES ({', '.join([mark] * len(_COLUMNS))})"
+            )
+            connection.exec_driver_sql(sql, rows)
 
 
 __all__ = ["EventRecorder", "EventSink", "GuardrailEvent"]

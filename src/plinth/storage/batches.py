@@ -2,10 +2,8 @@
 
 `append()` runs on the event loop once per request, so it only appends to a deque (O(1), no I/O, no
 lock: `deque.append` is atomic in CPython). A background task wakes every `interval_s`, or as soon
-as `batch_size` items wait, and hands batches to the writer process (`plinth.storage.writer_process`,
-when the application gives one: the production default) or to the low-priority writer thread
-(`plinth.storage.background`; far behind, it writes at ordinary priority until it has caught up).
-The write itself is `task()`: a picklable `task(database, batch)`, so both run the same code.
+as `batch_size` items wait, and hands batches to `write_batch` on the low-priority writer thread
+(`plinth.storage.background`); far behind, it writes at ordinary priority until it has caught up.
 
 A failed write keeps the batch for the next try, backing off while the database refuses; the
 buffer is bounded, so a database that stays down costs the *oldest* items (logged and counted)
@@ -19,15 +17,11 @@ import contextlib
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from prometheus_client import Counter
 
 from plinth.storage.background import run_in_background
-
-if TYPE_CHECKING:
-    from plinth.storage.db import Database
-    from plinth.storage.writer_process import Task, WriterProcess
 
 T = TypeVar("T")
 
@@ -49,16 +43,12 @@ class BatchWriter(Generic[T]):
         dropped: Counter,
         log: logging.Logger,
         retry_max_s: float = RETRY_MAX_S,
-        written: Counter | None = None,
     ) -> None:
         self.interval_s = interval_s
         self.batch_size = batch_size
         self.max_buffer = max_buffer
         self.retry_max_s = retry_max_s
         self._dropped_counter = dropped
-        self._written_counter = written
-        self.writer_process: WriterProcess | None = None
-        self._database_url = ""
         self._log = log
         self._buffer: deque[T] = deque()
         self._wake = asyncio.Event()
@@ -68,22 +58,9 @@ class BatchWriter(Generic[T]):
         self.written = 0
         self.dropped = 0
 
-    database: Database  # set by subclasses
-
-    def task(self) -> Task:
-        """The write, as a picklable `task(database, batch)`: one transaction; raise to keep the batch."""
-        raise NotImplementedError
-
     def write_batch(self, batch: list[T]) -> None:
-        """Write one batch here, in the calling thread."""
-        self.task()(self.database, batch)
-
-    def use_process(self, process: WriterProcess) -> None:
-        """Write through `process` from now on (not for in-memory SQLite, which a child can't open)."""
-        if self.database.is_sqlite and self.database.url.database in (None, "", ":memory:"):
-            return
-        self.writer_process = process
-        self._database_url = self.database.url.render_as_string(hide_password=False)
+        """Write one batch in one transaction (runs in a worker thread); raise to keep it."""
+        raise NotImplementedError
 
     # --- hot path ------------------------------------------------------------------------------
 
@@ -127,7 +104,7 @@ class BatchWriter(Generic[T]):
             batch = self._take(self.batch_size)
             behind = len(self._buffer) > BEHIND_BATCHES * self.batch_size
             try:
-                await self._write(batch, behind)
+                await run_in_background(self.write_batch, batch, behind=behind)
             except Exception as exc:
                 self._put_back(batch)
                 if not self._failing:
@@ -135,8 +112,6 @@ class BatchWriter(Generic[T]):
                     self._failing = True
                 return False
             self.written += len(batch)
-            if self._written_counter is not None:
-                self._written_counter.inc(len(batch))
             if self._failing:
                 self._log.warning("writing %s works again", self.what)
                 self._failing = False
@@ -165,13 +140,6 @@ class BatchWriter(Generic[T]):
             delay = min(delay * 2, 1.0)
 
     # --- internals -----------------------------------------------------------------------------
-
-    async def _write(self, batch: list[Any], behind: bool) -> None:
-        process = self.writer_process
-        if process is not None:
-            await process.run(self.task(), self._database_url, batch)
-        else:
-            await run_in_background(self.write_batch, batch, behind=behind)
 
     def _take(self, n: int) -> list[T]:
         buffer = self._buffer
