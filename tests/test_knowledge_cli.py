@@ -19,7 +19,7 @@ def test_kb_cli_round_trip(tmp_path: Path) -> None:
     runner = CliRunner()
     common = ["--team", "team_a", "--db", db, "--embedder", "hashing"]
     refused = runner.invoke(app, ["kb", "create", "pets", *common], env={"PLINTH_MASTER_KEY": ""})
-    assert refused.exit_code == 2 and "PLINTH_MASTER_KEY is not set" in refused.stderr
+    assert refused.exit_code == 2 and "Neither PLINTH_MASTER_KEY nor PLINTH_KMS is set" in refused.stderr
     created = runner.invoke(
         app, ["kb", "create", "pets", *common, "--plaintext"], env={"PLINTH_MASTER_KEY": ""}
     )

@@ -150,10 +150,10 @@ class KnowledgeAdmin:
         if body.chunk_overlap >= body.chunk_size:
             raise GatewayError(400, "'chunk_overlap' must be below 'chunk_size'.", param="chunk_overlap")
         team_id = call.actor.team_or_own(body.team_id)
-        if not body.plaintext and not os.environ.get("PLINTH_MASTER_KEY"):
+        if not body.plaintext and not (os.environ.get("PLINTH_MASTER_KEY") or os.environ.get("PLINTH_KMS")):
             raise GatewayError(
                 400,
-                "PLINTH_MASTER_KEY is not set on the gateway: set it to encrypt chunks at rest, "
+                "Neither PLINTH_MASTER_KEY nor PLINTH_KMS is set on the gateway: set one to encrypt chunks at rest, "
                 'or send "plaintext": true.',
                 param="plaintext",
             )

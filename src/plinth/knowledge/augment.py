@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from plinth.gateway.pipeline import Gateway, StreamEncoder
     from plinth.governance.engine import Governance
     from plinth.guardrails.engine import Guard
+    from plinth.knowledge.crypto import KeyWrapper
     from plinth.knowledge.ingest_http import IngestApi
     from plinth.knowledge.models import KnowledgeBase
     from plinth.knowledge.store import KnowledgeStore
@@ -116,11 +117,11 @@ class KnowledgeAccess:
         self.gateway = gateway
         self.database = database
         self.governance = governance
-        self._master_key: bytes | bool | None = False  # read on first use: False = not yet
+        self._master_key: KeyWrapper | bool | None = False  # read on first use: False = not yet
         self._stores: dict[tuple[str, int], KnowledgeStore] = {}
         self.ingest: IngestApi | None = None  # set by the app's IngestApi (uploads and jobs)
 
-    def master_key(self) -> bytes | None:
+    def master_key(self) -> KeyWrapper | None:
         if self._master_key is False:
             from plinth.knowledge.crypto import CryptoError, master_key_from_env
 
@@ -129,7 +130,7 @@ class KnowledgeAccess:
             except CryptoError as exc:
                 log.warning("knowledge bases: %s; encrypted bases cannot be read", exc)
                 self._master_key = None
-        return self._master_key if isinstance(self._master_key, bytes) else None
+        return None if isinstance(self._master_key, bool) else self._master_key
 
     def store(self, settings: Mapping[str, Any]) -> KnowledgeStore:
         """One store per embedder (numpy, the model and cryptography load on the first query)."""

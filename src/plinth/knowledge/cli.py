@@ -145,8 +145,10 @@ def create(
     gateway_url: GatewayUrlOption = None,
 ) -> None:
     """Create a knowledge base for a team (encrypted with the team's key when PLINTH_MASTER_KEY is set)."""
-    if not plaintext and not os.environ.get(ENV):
-        raise _fail(f"{ENV} is not set: set it to encrypt chunks at rest, or pass --plaintext")
+    if not plaintext and not (os.environ.get(ENV) or os.environ.get("PLINTH_KMS")):
+        raise _fail(
+            f"Neither {ENV} nor PLINTH_KMS is set: set one to encrypt chunks at rest, or pass --plaintext"
+        )
     if chunk_size < 1 or not 0 <= chunk_overlap < chunk_size:
         raise _fail("--chunk-size must be positive and --chunk-overlap in [0, chunk size)")
     if embedder.startswith(GATEWAY) and dimensions is None:

@@ -35,6 +35,7 @@ from plinth.storage import Database
 if TYPE_CHECKING:
     from plinth.config.schema import KnowledgeConfig
     from plinth.governance.engine import Governance
+    from plinth.knowledge.crypto import KeyWrapper
     from plinth.knowledge.models import KnowledgeBase
     from plinth.knowledge.store import KnowledgeStore
 
@@ -67,7 +68,7 @@ class KnowledgeApi:
             *self.ingest.routes(),  # /documents (upload, URL), /jobs, /jobs/{job_id}, /jobs/{job_id}/resume
         ]
 
-    def _key(self) -> bytes | None:
+    def _key(self) -> KeyWrapper | None:
         return self.access.master_key()
 
     def _store(self, settings: dict[str, Any]) -> KnowledgeStore:

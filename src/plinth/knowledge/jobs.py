@@ -58,7 +58,7 @@ from plinth.storage import Base, Database, utcnow
 
 if TYPE_CHECKING:
     from plinth.governance.audit import AuditLog
-    from plinth.knowledge.crypto import TeamCipher
+    from plinth.knowledge.crypto import MasterKey, TeamCipher
     from plinth.knowledge.embedders import Embedder
     from plinth.knowledge.models import KnowledgeBase
     from plinth.knowledge.store import KnowledgeStore
@@ -222,7 +222,7 @@ class Upload:
 class StoreProvider:
     """One KnowledgeStore per embedder, so a base is always embedded with the model that built it."""
 
-    def __init__(self, db: Database, master_key: bytes | None) -> None:
+    def __init__(self, db: Database, master_key: MasterKey | None) -> None:
         self.db = db
         self.master_key = master_key
         self._stores: dict[tuple[str, int], KnowledgeStore] = {}

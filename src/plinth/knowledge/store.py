@@ -32,7 +32,7 @@ from sqlalchemy import delete, func, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from plinth.knowledge.chunking import Chunk, Section, chunk_document, chunk_settings
-from plinth.knowledge.crypto import ENV, CryptoError, TeamCipher, unwrap, wrap
+from plinth.knowledge.crypto import ENV, KMS_ENV, CryptoError, MasterKey, TeamCipher, as_wrapper, unwrap, wrap
 from plinth.knowledge.embedders import Embedder, Matrix
 from plinth.knowledge.models import KbChunk, KbDocument, KbTeamKey, KnowledgeBase
 from plinth.knowledge.parsers import SUPPORTED, ParseError, parse_file
@@ -101,11 +101,12 @@ class KnowledgeStore:
         db: Database,
         embedder: Embedder,
         reranker: Reranker | None = None,
-        master_key: bytes | None = None,
+        master_key: MasterKey | None = None,
     ) -> None:
-        """`master_key` (see plinth.knowledge.crypto): new bases are encrypted when it is given."""
+        """`master_key` (see plinth.knowledge.crypto): raw bytes or a KeyWrapper (KMS plug-in); new
+        bases are encrypted when it is given."""
         self.db = db
-        self.master_key = master_key
+        self.master_key = None if master_key is None else as_wrapper(master_key)
         self._ciphers: dict[str, TeamCipher] = {}
         self.embedder = embedder
         # An explicit reranker serves every base; otherwise each base's `reranker` setting is used.
@@ -380,7 +381,7 @@ class KnowledgeStore:
         if not encrypted:
             return None
         if self.master_key is None:
-            raise KnowledgeError(f"knowledge base {kb_id} is encrypted: set {ENV} to use it")
+            raise KnowledgeError(f"knowledge base {kb_id} is encrypted: set {ENV} (or {KMS_ENV}) to use it")
         cached = self._ciphers.get(team_id)
         if cached is not None:
             return cached
@@ -390,8 +391,12 @@ class KnowledgeStore:
         if wrapped is None:
             data_key = secrets.token_bytes(32)
             try:
+                new_key = wrap(self.master_key, data_key, team_id)  # a KMS plug-in may fail here
+            except CryptoError as exc:
+                raise KnowledgeError(str(exc)) from None
+            try:
                 with self.db.session() as s:
-                    s.add(KbTeamKey(team_id=team_id, wrapped_key=wrap(self.master_key, data_key, team_id)))
+                    s.add(KbTeamKey(team_id=team_id, wrapped_key=new_key))
             except IntegrityError:  # another process created it first: use theirs
                 return self._cipher(kb_id)
         else:
