@@ -10,32 +10,14 @@ import httpx
 import pytest
 
 from conftest import ADMIN_KEY, GatewayServer
+from knowledge_fixtures import HANDBOOK, two_teams_with_handbook
 from mocks.openai_upstream import OpenAIUpstream, Reply, completion
-from plinth.knowledge.embedders import HashingEmbedder
-from plinth.knowledge.store import KnowledgeStore
 from plinth.storage import Database
-from plinth.tenancy.service import TenancyService
 
 
 def setup_bases(tmp_path: Path) -> tuple[str, str, str, str]:
     """A database with teams a and b, a key each, and team a's 'handbook' base; returns url, keys, kb id."""
-    url = f"sqlite:///{tmp_path}/plinth.db"
-    db = Database(url)
-    db.migrate()
-    tenancy = TenancyService(db)
-    org = tenancy.create_org("acme")
-    team_a, team_b = tenancy.create_team(org.id, "a"), tenancy.create_team(org.id, "b")
-    key_a = tenancy.create_key(team_a.id, "a").secret
-    key_b = tenancy.create_key(team_b.id, "b").secret
-    store = KnowledgeStore(db, HashingEmbedder())
-    kb_id = store.create_base(team_a.id, "handbook").id
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    (folder / "leave.md").write_text("# HR\n\n## Leave\n\nEveryone gets 25 days of paid leave a year.\n")
-    (folder / "it.txt").write_text("Laptops are replaced every three years.")
-    store.ingest_folder(kb_id, folder)
-    db.dispose()
-    return url, key_a, key_b, kb_id
+    return two_teams_with_handbook(tmp_path, files=HANDBOOK)
 
 
 def test_query_is_confined_to_the_keys_team(

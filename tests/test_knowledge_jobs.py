@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from conftest import ADMIN_KEY, GatewayServer
+from knowledge_fixtures import two_teams_with_handbook
 from plinth.cli import app
 from plinth.config.schema import KnowledgeConfig
 from plinth.governance.models import AuditRecord
@@ -24,7 +25,6 @@ from plinth.knowledge.jobs import IngestJobs, JobError, KbJob, StoreProvider, cl
 from plinth.knowledge.models import KbChunk, KnowledgeBase
 from plinth.knowledge.store import KnowledgeStore
 from plinth.storage import Database
-from plinth.tenancy.service import TenancyService
 from test_knowledge_url import configure, wait_done
 
 
@@ -118,17 +118,7 @@ def test_upload_names_are_clean_relative_paths() -> None:
 
 
 def setup_gateway_db(tmp_path: Path) -> tuple[str, str, str, str]:
-    url = f"sqlite:///{tmp_path}/plinth.db"
-    db = Database(url)
-    db.migrate()
-    tenancy = TenancyService(db)
-    org = tenancy.create_org("acme")
-    team_a, team_b = tenancy.create_team(org.id, "a"), tenancy.create_team(org.id, "b")
-    key_a = tenancy.create_key(team_a.id, "a").secret
-    key_b = tenancy.create_key(team_b.id, "b").secret
-    kb_id = KnowledgeStore(db, HashingEmbedder()).create_base(team_a.id, "handbook").id
-    db.dispose()
-    return url, key_a, key_b, kb_id
+    return two_teams_with_handbook(tmp_path)
 
 
 def test_upload_over_http_with_policy_progress_and_audit(
