@@ -163,7 +163,7 @@ def test_keys_written_by_the_env_master_key_still_open(
     store = KnowledgeStore(db, HashingEmbedder(), master_key=local)
     base = store.create_base("team_a", "old")
     store.ingest_folder(base.id, write(tmp_path / "docs", "note.txt", "The vault code is kept offsite."))
-    assert store._cipher(base.id) is not None
+    assert store.cipher(base.id) is not None
     with db.session() as s:
         assert (
             s.scalars(select(KbTeamKey.wrapped_key)).one()[:12] == nonce

@@ -49,9 +49,17 @@ SYSTEM_PROMPT = (
 _SEARCH_FIELDS = {"top_k", "mode", "filters", "score_threshold", "weights"}
 
 
+ERROR_CODES = {
+    404: "knowledge_base_not_found",
+    403: "policy_denied",
+    409: "conflict",
+    413: "request_too_large",
+}
+
+
 def knowledge_error(status: int, message: str, param: str | None = None) -> GatewayError:
-    code = {404: "knowledge_base_not_found", 403: "policy_denied"}.get(status, "invalid_request")
-    return GatewayError(status, message, param=param, code=code)
+    """An error of the knowledge endpoints, with the OpenAI-style `code` for its status."""
+    return GatewayError(status, message, param=param, code=ERROR_CODES.get(status, "invalid_request"))
 
 
 def search_params(body: Any, prefix: str = "", query: str | None = None) -> dict[str, Any]:

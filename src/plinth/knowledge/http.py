@@ -35,9 +35,7 @@ from plinth.storage import Database
 if TYPE_CHECKING:
     from plinth.config.schema import KnowledgeConfig
     from plinth.governance.engine import Governance
-    from plinth.knowledge.crypto import KeyWrapper
     from plinth.knowledge.models import KnowledgeBase
-    from plinth.knowledge.store import KnowledgeStore
 
 log = logging.getLogger(__name__)
 KNOWLEDGE = Endpoint("knowledge", openai_protocol.error_body)
@@ -67,13 +65,6 @@ class KnowledgeApi:
             Route("/v1/knowledge/{kb}/answer", self.answer, methods=["POST"]),
             *self.ingest.routes(),  # /documents (upload, URL), /jobs, /jobs/{job_id}, /jobs/{job_id}/resume
         ]
-
-    def _key(self) -> KeyWrapper | None:
-        return self.access.master_key()
-
-    def _store(self, settings: dict[str, Any]) -> KnowledgeStore:
-        """One store per embedder (numpy, the model and cryptography load on the first query)."""
-        return self.access.store(settings)
 
     async def _retrieve(self, request: Request, ctx: Any, body: Any) -> tuple[Any, KnowledgeBase, list[Any]]:
         """Authenticate, find the base within the key's team, check policy, search. Raises GatewayError."""
@@ -140,9 +131,6 @@ class KnowledgeApi:
             },
         }
         return Response(orjson.dumps(payload), 200, {"x-request-id": ctx.request_id}, "application/json")
-
-    def _authorize(self, principal: Any, base: KnowledgeBase) -> None:
-        self.access.authorize(principal, base)
 
 
 def _citations(hits: list[Any]) -> list[dict[str, Any]]:

@@ -35,6 +35,7 @@ from starlette.routing import Route
 from plinth.gateway import openai_protocol
 from plinth.gateway.errors import GatewayError
 from plinth.gateway.pipeline import Endpoint, Gateway, error_response, new_context
+from plinth.knowledge.augment import knowledge_error
 from plinth.storage import Database, utcnow
 
 if TYPE_CHECKING:
@@ -48,16 +49,6 @@ log = logging.getLogger(__name__)
 RESUME_EVERY_S = 30.0  # half the heartbeat staleness: a crashed job resumes within about 90 s
 INGEST = Endpoint("knowledge_ingest", openai_protocol.error_body)
 DEFAULT_UPLOAD_BYTES = 20 * 1024 * 1024
-
-
-def _error(status: int, message: str, param: str | None = None) -> GatewayError:
-    code = {
-        404: "knowledge_base_not_found",
-        403: "policy_denied",
-        409: "conflict",
-        413: "request_too_large",
-    }.get(status, "invalid_request")
-    return GatewayError(status, message, param=param, code=code)
 
 
 class IngestApi:
@@ -162,7 +153,7 @@ class IngestApi:
         if audit is not None and self.governance.settings.audit_decisions:
             audit.record_decision(request_id, principal, decision)
         if not decision.allowed:
-            raise _error(403, decision.message or "ingestion refused by policy")
+            raise knowledge_error(403, decision.message or "ingestion refused by policy")
 
     async def _base(self, request: Request, ctx: Any) -> tuple[Any, KnowledgeBase]:
         """Authenticate and find the base within the key's team (404 otherwise). Raises GatewayError."""
@@ -171,13 +162,13 @@ class IngestApi:
         principal = ctx.principal = self.gateway.authenticate(request, allow_x_api_key=False)
         ref = request.path_params["kb"]
         if not principal.is_admin and principal.team_id is None:
-            raise _error(404, f"knowledge base {ref!r} not found")  # a key without a team owns none
+            raise knowledge_error(404, f"knowledge base {ref!r} not found")  # a key without a team owns none
         team = None if principal.is_admin else principal.team_id
         lookup = self.jobs.stores.for_base({"embedder": "hashing", "dimensions": 1})  # embeds nothing
         try:
             base: KnowledgeBase = await asyncio.to_thread(lookup.get_base, ref, team)
         except KnowledgeError as exc:
-            raise _error(exc.status, str(exc)) from None
+            raise knowledge_error(exc.status, str(exc)) from None
         return principal, base
 
     async def upload(self, request: Request) -> Response:
@@ -201,13 +192,13 @@ class IngestApi:
                 body = await self.gateway.read_json(request)
                 url = body.get("url") if isinstance(body, dict) else None
                 if not isinstance(url, str) or not url.strip():
-                    raise _error(400, "'url' must be an http(s) URL to ingest", "url")
+                    raise knowledge_error(400, "'url' must be an http(s) URL to ingest", "url")
                 try:
                     parsed = validate_url(url)
                     # Refuse a private address now with a clear 400; the job checks again as it connects.
                     await asyncio.to_thread(resolve, parsed, jobs.fetch_policy)
                 except FetchError as exc:
-                    raise _error(400, f"'url' refused: {exc}", "url") from None
+                    raise knowledge_error(400, f"'url' refused: {exc}", "url") from None
                 job = await self._create(
                     base, "url", str(parsed), actor=actor, request_id=ctx.request_id, params=params
                 )
@@ -218,7 +209,7 @@ class IngestApi:
                 else:
                     name = request.query_params.get("filename")
                     if not name:
-                        raise _error(
+                        raise knowledge_error(
                             400,
                             "send files as multipart/form-data, or the raw body with '?filename=NAME'",
                             "filename",
@@ -227,10 +218,10 @@ class IngestApi:
                 try:
                     uploads = [Upload(clean_source(name), data) for name, data in files]
                 except JobError as exc:
-                    raise _error(400, str(exc), "filename") from None
+                    raise knowledge_error(400, str(exc), "filename") from None
                 for upload in uploads:
                     if not upload.data:
-                        raise _error(400, f"file {upload.source!r} is empty", "filename")
+                        raise knowledge_error(400, f"file {upload.source!r} is empty", "filename")
                 label = uploads[0].source if len(uploads) == 1 else f"{len(uploads)} files"
                 job = await self._create(
                     base,
@@ -254,7 +245,7 @@ class IngestApi:
         try:
             return await asyncio.to_thread(self.jobs.create, base, kind, source, **kwargs)
         except JobError as exc:
-            raise _error(exc.status, str(exc), "url" if kind == "url" else None) from None
+            raise knowledge_error(exc.status, str(exc), "url" if kind == "url" else None) from None
 
     async def list_jobs(self, request: Request) -> Response:
         """The base's ingestion jobs, newest first (`?limit=`, default 50)."""
@@ -265,7 +256,7 @@ class IngestApi:
             _principal, base = await self._base(request, ctx)
             raw_limit = request.query_params.get("limit", "50")
             if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 500:
-                raise _error(400, "'limit' must be an integer from 1 to 500", "limit")
+                raise knowledge_error(400, "'limit' must be an integer from 1 to 500", "limit")
             jobs = await asyncio.to_thread(self.jobs.list, None, base.id, int(raw_limit))
         except GatewayError as err:
             return error_response(err, ctx, INGEST)
@@ -282,7 +273,7 @@ class IngestApi:
             try:
                 job = await asyncio.to_thread(self.jobs.get, request.path_params["job_id"], None, base.id)
             except JobError as exc:
-                raise _error(exc.status, str(exc)) from None
+                raise knowledge_error(exc.status, str(exc)) from None
         except GatewayError as err:
             return error_response(err, ctx, INGEST)
         return _job_response(job_out(job), 200, ctx.request_id)
@@ -300,10 +291,10 @@ class IngestApi:
             try:
                 found = await asyncio.to_thread(self.jobs.get, job_id, None, base.id)
                 if found.kind == "folder":  # the gateway never reads a local folder for a key
-                    raise _error(400, FOLDER_RESUME, "job_id")
+                    raise knowledge_error(400, FOLDER_RESUME, "job_id")
                 job = await asyncio.to_thread(self.jobs.resume, job_id, None)
             except JobError as exc:
-                raise _error(exc.status, str(exc)) from None
+                raise knowledge_error(exc.status, str(exc)) from None
         except GatewayError as err:
             return error_response(err, ctx, INGEST)
         return _job_response(job_out(job), 200 if job.status == "succeeded" else 202, ctx.request_id)
@@ -322,7 +313,7 @@ class IngestApi:
                 await asyncio.to_thread(self.jobs.get, job_id, None, base.id)
                 job = await asyncio.to_thread(self.jobs.cancel, job_id, None, actor=actor)
             except JobError as exc:
-                raise _error(exc.status, str(exc), "job_id" if exc.status == 409 else None) from None
+                raise knowledge_error(exc.status, str(exc), "job_id" if exc.status == 409 else None) from None
         except GatewayError as err:
             return error_response(err, ctx, INGEST)
         return _job_response(job_out(job), 200, ctx.request_id)
@@ -338,13 +329,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
     too_big = f"the upload is larger than the limit of {limit} bytes (knowledge.upload_max_bytes)"
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _error(413, too_big)
+        raise knowledge_error(413, too_big)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _error(413, too_big)
+            raise knowledge_error(413, too_big)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -352,12 +343,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def _multipart(content_type: str, raw: bytes) -> list[tuple[str, bytes]]:
     """(filename, bytes) of every part with a filename (stdlib email parser; no extra dependency)."""
     if "boundary=" not in content_type:
-        raise _error(400, "multipart/form-data without a boundary", "file")
+        raise knowledge_error(400, "multipart/form-data without a boundary", "file")
     message = BytesParser(policy=email_policy.HTTP).parsebytes(
         b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + raw
     )
     if not message.is_multipart():
-        raise _error(400, "the multipart body could not be parsed", "file")
+        raise knowledge_error(400, "the multipart body could not be parsed", "file")
     files: list[tuple[str, bytes]] = []
     for part in message.iter_parts():
         name = part.get_filename()
@@ -366,5 +357,7 @@ def _multipart(content_type: str, raw: bytes) -> list[tuple[str, bytes]]:
         payload = part.get_payload(decode=True)
         files.append((name, payload if isinstance(payload, bytes) else b""))
     if not files:
-        raise _error(400, "no file in the upload: send each file as a form part with a filename", "file")
+        raise knowledge_error(
+            400, "no file in the upload: send each file as a form part with a filename", "file"
+        )
     return files

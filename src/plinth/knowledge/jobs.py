@@ -248,7 +248,7 @@ class StoreProvider:
         when the base is encrypted and no master key is set."""
         if not settings.get("encrypted"):
             return None
-        return self.for_base(LOOKUP)._cipher(kb_id)
+        return self.for_base(LOOKUP).cipher(kb_id)
 
 
 class IngestJobs:

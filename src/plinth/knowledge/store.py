@@ -238,7 +238,7 @@ class KnowledgeStore:
                 todo.append((source, content_hash, chunks))
         if not todo:
             return result
-        cipher = self._cipher(kb_id)
+        cipher = self.cipher(kb_id)
         # Only leaves are embedded and indexed: plain chunks, or a parent's children.
         vectors = self._embed(
             [
@@ -371,7 +371,7 @@ class KnowledgeStore:
                 raise KnowledgeError(f"knowledge base {kb_id!r} not found", 404)
             return dict(base.settings)
 
-    def _cipher(self, kb_id: str) -> TeamCipher | None:
+    def cipher(self, kb_id: str) -> TeamCipher | None:
         """The team's cipher for an encrypted base (creating the team's data key once), else None."""
         with self.db.session() as s:
             base = s.get(KnowledgeBase, kb_id)
@@ -398,7 +398,7 @@ class KnowledgeStore:
                 with self.db.session() as s:
                     s.add(KbTeamKey(team_id=team_id, wrapped_key=new_key))
             except IntegrityError:  # another process created it first: use theirs
-                return self._cipher(kb_id)
+                return self.cipher(kb_id)
         else:
             try:
                 data_key = unwrap(self.master_key, wrapped, team_id)
@@ -719,7 +719,7 @@ class KnowledgeStore:
                 .order_by(KbChunk.id)
             ).all()
         dims = self.embedder.dimensions
-        cipher = self._cipher(kb_id)
+        cipher = self.cipher(kb_id)
         vectors = np.zeros((len(rows), dims), dtype=np.float32)
         for n, row in enumerate(rows):
             if row[1] is not None:
@@ -740,7 +740,7 @@ class KnowledgeStore:
         later children of a parent already returned are dropped (best child wins)."""
         if not scored:
             return []
-        cipher = self._cipher(kb_id)
+        cipher = self.cipher(kb_id)
         ids = [i for i, _ in scored]
         with self.db.session() as s:
             rows = {c.id: c for c in s.scalars(select(KbChunk).where(KbChunk.id.in_(ids)))}
