@@ -327,16 +327,25 @@ def test_indexed_evaluation_matches_plain_cedar(tmp_path: Path) -> None:
              "resource.data_class_rank < context.data_class_rank",
              'context.model == "chat" && context.data_class_rank > 1',
              'principal.environment == "prod" && "other" == context.model',
-             '["chat", "x"].contains(context.model) && resource.data_class_rank > 2']
+             '["chat", "x"].contains(context.model) && resource.data_class_rank > 2',
+             # principal guards (policies narrowed by the key's attributes before evaluation)
+             'principal.team == "team_a"', 'context.data_class_rank >= 1 && principal.team == "team_b"',
+             '["prod", "staging"].contains(principal.environment) && context.caller_region like "us-*"',
+             'principal.admin == false && principal.data_class_rank == 1',
+             'principal.team == "team_a" && principal.team == "team_b"',
+             # context read whole or by `has`: the attributes passed to Cedar must still suffice
+             'context has caller_region && context.caller_region == ""',
+             'context == context && context.entity_types.isEmpty()']
         )  # fmt: skip
         rules.append(f'@id("r{i}") {effect} ({principal}, {action}, {resource}) when {{ {condition} }};')
     text = "\n".join(rules)
     gov, _ = governed(tmp_path, text)
     plain = cedarpy.PolicySet.from_str(text)
-    for _ in range(150):
+    for _ in range(400):
         principal = key(
             key_id=rng.choice(["key_1", "key_2"]), team_id=rng.choice(["team_a", "team_b", None]),
-            org_id=rng.choice(["org_1", None]), environment=rng.choice(["prod", "dev"]),
+            org_id=rng.choice(["org_1", None]), environment=rng.choice(["prod", "dev", "staging"]),
+            data_class=rng.choice(["internal", "confidential"]),
         )  # fmt: skip
         action = rng.choice(["invoke", "embed"])
         level = rng.choice(list(Level))

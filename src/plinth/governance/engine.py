@@ -157,6 +157,7 @@ class _PrincipalView:
     uid: dict[str, str]
     buckets: tuple[Bucket, ...]
     entities: str
+    attrs: dict[str, object]  # the key entity's Cedar attributes
     # Parsed Cedar entities of this principal with one model's deployments, per group view: parsing
     # them is the largest cost of an evaluation, and both sides change only with a new snapshot.
     handles: dict[str, tuple[GroupView, cedarpy.Entities]] = field(default_factory=dict)
@@ -189,24 +190,21 @@ def _principal_view(principal: Principal) -> _PrincipalView:
             {"uid": parents[0], "attrs": {"name": principal.team_name or ""}, "parents": team_parents}
         )
     level = level_of(principal.data_class)
-    key = {
-        "uid": uid,
-        "attrs": {
-            "name": principal.name,
-            "admin": principal.is_admin,
-            "environment": principal.environment or "",
-            "data_class": level.value,
-            "data_class_rank": level.rank,
-            "team": principal.team_id or "",
-            "team_name": principal.team_name or "",
-            "org": principal.org_id or "",
-            "project": principal.project_id or "",
-            "labels": list(principal.tags),
-        },
-        "parents": parents,
+    attrs: dict[str, object] = {
+        "name": principal.name,
+        "admin": principal.is_admin,
+        "environment": principal.environment or "",
+        "data_class": level.value,
+        "data_class_rank": level.rank,
+        "team": principal.team_id or "",
+        "team_name": principal.team_name or "",
+        "org": principal.org_id or "",
+        "project": principal.project_id or "",
+        "labels": list(principal.tags),
     }
+    key = {"uid": uid, "attrs": attrs, "parents": parents}
     entities = b",".join(orjson.dumps(e) for e in [key, *extra]).decode()
-    return _PrincipalView(principal, uid, tuple(buckets), entities)
+    return _PrincipalView(principal, uid, tuple(buckets), entities, attrs)
 
 
 @dataclass(slots=True)
@@ -514,18 +512,23 @@ class Governance:
         requested: str,
     ) -> list[Verdict]:
         who = self._principal(principal)
-        context = orjson.dumps(
-            {
-                "data_class": level.value,
-                "data_class_rank": level.rank,
-                "caller_region": region or "",
-                "entity_types": sorted(types),
-                "model": requested,
-            }
-        ).decode()
+        context = {
+            "data_class": level.value,
+            "data_class_rank": level.rank,
+            "caller_region": region or "",
+            "entity_types": sorted(types),
+            "model": requested,
+        }
         targets = [m.target for m in running]
         return policies.evaluate(
-            action, who.buckets, who.uid, targets, who.entities_with(view), context, requested
+            action,
+            who.buckets,
+            who.uid,
+            targets,
+            who.entities_with(view),
+            context,
+            requested,
+            policies.principal_facts(who.attrs),
         )
 
     def _principal(self, principal: Principal) -> _PrincipalView:
@@ -588,18 +591,22 @@ class Governance:
         group = Group(
             label, frozenset({resource.type}), frozenset({(resource.type, resource.id)}), frozenset()
         )
-        context = orjson.dumps(
-            {
-                "data_class": data_class.value,
-                "data_class_rank": data_class.rank,
-                "caller_region": caller_region or "",
-                "entity_types": sorted(set(entity_types)),
-                "model": "",
-            }
-        ).decode()
+        context = {
+            "data_class": data_class.value,
+            "data_class_rank": data_class.rank,
+            "caller_region": caller_region or "",
+            "entity_types": sorted(set(entity_types)),
+            "model": "",
+        }
         targets = [Target(uid, group)]
         verdict = snap.policies.evaluate(
-            action, who.buckets, who.uid, targets, f"[{who.entities},{entity}]", context
+            action,
+            who.buckets,
+            who.uid,
+            targets,
+            f"[{who.entities},{entity}]",
+            context,
+            facts=snap.policies.principal_facts(who.attrs),
         )[0]
         if verdict.allowed:
             return Decision(

@@ -7,6 +7,11 @@ evaluated. The principal dimension is split into buckets (any key, this key, its
 organization), each evaluated as its own small set; the results combine exactly as Cedar would
 combine them in one set: allowed when some permit matched and no forbid did.
 
+Two more narrowings, both exact: a policy whose `when` has a top-level conjunct pinning a key
+attribute (`principal.team == "t1" && ...`, `["prod", "staging"].contains(principal.environment)`)
+is only evaluated for keys with such a value, and Cedar gets only the `context` attributes the
+evaluated policies read (Cedar parses the context on every request, about 10 µs per attribute).
+
 Every policy needs an `@id("...")` annotation, unique across files: decisions carry these ids.
 """
 
@@ -15,12 +20,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cedarpy
+import orjson
 from cedarpy import pst
+
+_cedar_native: Any = getattr(cedarpy, "_internal", None)  # see _authorize_batch
 
 NAMESPACE = "Plinth"
 # A Cedar call costs about as much as 20-30 policy evaluations (building the request dominates):
@@ -139,6 +148,10 @@ class Policy:
     independent: bool = False
     # `when { context.model == "x" && ... }`: it can match requests for these models only (None: any).
     models: frozenset[str] | None = None
+    # `when { principal.team == "x" && ... }`: it can match keys with these attribute values only.
+    principal_guards: tuple[Guard, ...] = ()
+    # The context attributes its conditions read (None: the context as a whole).
+    context_attrs: frozenset[str] | None = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,44 +279,88 @@ def _mentions_resource(node: object) -> bool:
     return False
 
 
-def _is_context_model(expr: object) -> bool:
-    return (
-        isinstance(expr, pst.GetAttr)
-        and expr.attr == "model"
-        and isinstance(expr.base, pst.Var)
-        and expr.base.name == "context"
-    )
+def _context_attrs(node: object) -> frozenset[str] | None:
+    """The `context` attributes a policy reads (`context.x`, `context has x`); None when it uses
+    `context` in any other way, so needs all of it."""
+    names: set[str] = set()
+    stack: list[object] = [node]
+    while stack:
+        value = stack.pop()
+        if (
+            isinstance(value, pst.GetAttr | pst.HasAttr)
+            and isinstance(value.base, pst.Var)
+            and value.base.name == "context"
+        ):
+            names.add(value.attr if isinstance(value, pst.GetAttr) else value.attrs[0])
+            continue
+        if isinstance(value, pst.Var):
+            if value.name == "context":
+                return None
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, tuple | list):
+            stack.extend(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            stack.extend(getattr(value, f.name) for f in dataclasses.fields(value))
+    return frozenset(names)
 
 
-def _model_guard(clauses: tuple[pst.Clause, ...]) -> frozenset[str] | None:
-    """The models a policy's `when` conditions pin `context.model` to (`==` or `[...].contains`),
-    read from their top-level conjuncts: when such a conjunct is false the policy cannot match,
-    so it need not be evaluated for other models. None: no such conjunct."""
-    allowed: frozenset[str] | None = None
+Guard = tuple[str, frozenset[object]]  # a principal attribute and the values a policy admits
+
+
+def _attribute_of(expr: object, var: str) -> str | None:
+    """`x` when `expr` is `<var>.x`."""
+    if isinstance(expr, pst.GetAttr) and isinstance(expr.base, pst.Var) and expr.base.name == var:
+        return expr.attr
+    return None
+
+
+def _literal(expr: object) -> tuple[bool, object]:
+    if isinstance(expr, pst.StringLit | pst.LongLit | pst.BoolLit):
+        return True, expr.value
+    return False, None
+
+
+def _equality_guards(clauses: tuple[pst.Clause, ...]) -> dict[tuple[str, str], frozenset[object]]:
+    """What a policy's `when` conditions pin `context.<attr>` or `principal.<attr>` to (`==` or
+    `[...].contains`), read from their top-level conjuncts: when such a conjunct is false the policy
+    cannot match, so it need not be evaluated for requests with other values. Keyed by
+    (variable, attribute)."""
+    guards: dict[tuple[str, str], frozenset[object]] = {}
+
+    def pin(var: str, attr: str, values: frozenset[object]) -> None:
+        key = (var, attr)
+        guards[key] = guards[key] & values if key in guards else values
+
     for clause in clauses:
         if not isinstance(clause, pst.When):
             continue
         stack: list[object] = [clause.expr]
         while stack:
             expr = stack.pop()
-            found: frozenset[str] | None = None
-            if isinstance(expr, pst.BinaryOp) and expr.op == "and":
+            if not isinstance(expr, pst.BinaryOp):
+                continue
+            if expr.op == "and":
                 stack.extend((expr.left, expr.right))
-            elif isinstance(expr, pst.BinaryOp) and expr.op == "eq":
+            elif expr.op == "eq":
                 for one, other in ((expr.left, expr.right), (expr.right, expr.left)):
-                    if _is_context_model(one) and isinstance(other, pst.StringLit):
-                        found = frozenset({other.value})
-            elif (
-                isinstance(expr, pst.BinaryOp)
-                and expr.op == "contains"
-                and _is_context_model(expr.right)
-                and isinstance(expr.left, pst.Set)
-                and all(isinstance(e, pst.StringLit) for e in expr.left.elements)
-            ):
-                found = frozenset(e.value for e in expr.left.elements if isinstance(e, pst.StringLit))
-            if found is not None:
-                allowed = found if allowed is None else allowed & found
-    return allowed
+                    is_literal, value = _literal(other)
+                    for var in ("context", "principal"):
+                        attr = _attribute_of(one, var)
+                        if attr is not None and is_literal:
+                            pin(var, attr, frozenset({value}))
+            elif expr.op == "contains" and isinstance(expr.left, pst.Set):
+                literals = [_literal(e) for e in expr.left.elements]
+                if all(ok for ok, _ in literals):
+                    for var in ("context", "principal"):
+                        attr = _attribute_of(expr.right, var)
+                        if attr is not None:
+                            pin(var, attr, frozenset(value for _, value in literals))
+    return guards
+
+
+def _guard_values(values: frozenset[object] | None, kind: type[str]) -> frozenset[str] | None:
+    return None if values is None else frozenset(v for v in values if isinstance(v, kind))
 
 
 def _parse_file(name: str, text: str, known: dict[str, Policy]) -> list[Policy]:
@@ -330,6 +387,7 @@ def _parse_file(name: str, text: str, known: dict[str, Policy]) -> list[Policy]:
             raise PolicyError(f"{name}: policy id '{ident}' is reserved (ids starting 'plinth:')")
         if ident in known:
             raise PolicyError(f"{name}: policy id '{ident}' is also used in {known[ident].file}")
+        guards = _equality_guards(node.clauses)
         policy = Policy(
             id=ident,
             effect=node.effect,
@@ -340,7 +398,11 @@ def _parse_file(name: str, text: str, known: dict[str, Policy]) -> list[Policy]:
             node=dataclasses.replace(node, id=ident),
             independent=isinstance(node.resource, pst.ScopeAny | pst.ScopeIs)
             and not _mentions_resource(node.clauses),
-            models=_model_guard(node.clauses),
+            models=_guard_values(guards.get(("context", "model")), str),
+            principal_guards=tuple(
+                (attr, values) for (var, attr), values in sorted(guards.items()) if var == "principal"
+            ),
+            context_attrs=_context_attrs(node.clauses),
         )
         known[ident] = policy
         policies.append(policy)
@@ -391,15 +453,58 @@ def load_policies(source: PolicySource) -> LoadedPolicies:
     return loaded
 
 
+@dataclass(frozen=True, slots=True)
+class _CompiledSet:
+    policies: cedarpy.PolicySet
+    # The context attributes its policies read (None: all). Cedar parses the request context on
+    # every request, at about 10 µs per attribute: the attributes no policy reads are left out.
+    context_attrs: frozenset[str] | None
+
+
+Outcome = tuple[bool, list[str], list[str]]  # allowed, policy ids (the reasons), errors
+
+
+def _authorize_batch(
+    requests: list[dict[str, object]], policies: cedarpy.PolicySet, entities: str | cedarpy.Entities
+) -> list[Outcome]:
+    """`cedarpy.is_authorized_batch`, reading its results with orjson into plain tuples.
+
+    Measured with bench/policy_bench.py: cedarpy's wrapper parses each result with `json` into an
+    AuthzResult; reading the extension's JSON directly takes 7-10% off a full evaluation. The
+    public function is used when the extension's entry point is not there (another cedarpy)."""
+    native = getattr(_cedar_native, "is_authorized_batch", None)
+    if native is None:
+        return [
+            (r.allowed, r.diagnostics.reasons, r.diagnostics.errors)
+            for r in cedarpy.is_authorized_batch(requests, policies, entities)
+        ]
+    handle = entities._inner if isinstance(entities, cedarpy.Entities) else entities
+    out: list[Outcome] = []
+    for text in native(requests, policies, handle, None, False):
+        result = orjson.loads(text)
+        diagnostics = result.get("diagnostics") or {}
+        out.append(
+            (result["decision"] == "Allow", diagnostics.get("reason") or [], diagnostics.get("errors") or [])
+        )
+    return out
+
+
 class PolicyIndex:
     """The loaded policies, evaluated by scope-indexed subsets (see the module docstring)."""
 
     def __init__(self, loaded: LoadedPolicies) -> None:
         self.loaded = loaded
         self._policies = [p for p in loaded.policies if p.bucket is not None]
-        # (action, group key, bucket, shared, model) -> ids of the policies to evaluate; ids -> set.
-        self._ids: dict[tuple[str, str, Bucket, bool, str], tuple[str, ...]] = {}
-        self._sets: dict[tuple[str, ...], cedarpy.PolicySet] = {}
+        # The principal attributes some policy is pinned to (`principal.team == "x"`, see Policy).
+        self.guarded_attributes = tuple(
+            sorted({attr for p in self._policies for attr, _ in p.principal_guards})
+        )
+        # (action, group key, bucket, shared, model) -> ids of the policies in scope, and whether
+        # some of them have principal guards; (those ids, the principal's guarded values) -> the
+        # ids those guards admit; ids -> set.
+        self._ids: dict[tuple[str, str, Bucket, bool, str], tuple[tuple[str, ...], bool]] = {}
+        self._narrowed: dict[tuple[tuple[str, ...], tuple[object, ...]], tuple[str, ...]] = {}
+        self._sets: dict[tuple[str, ...], _CompiledSet] = {}
         self._by_id = {p.id: p for p in self._policies}
         self._lock = threading.Lock()
 
@@ -407,14 +512,21 @@ class PolicyIndex:
         return len(self.loaded.policies)
 
     def _applicable(
-        self, action: str, group: Group, bucket: Bucket, shared: bool, model: str
+        self,
+        action: str,
+        group: Group,
+        bucket: Bucket,
+        shared: bool,
+        model: str,
+        facts: tuple[object, ...] = (),
     ) -> tuple[str, ...]:
         """Ids of the policies that can match: resource-independent ones (`shared`, the same for
         every resource of a type) or those whose resource scope matches this resource; in both
-        cases only those whose `context.model` guard (if any) admits `model`."""
+        cases only those whose `context.model` guard (if any) admits `model` and whose principal
+        guards admit `facts` (the principal's values of `guarded_attributes`; missing: none)."""
         key = (action, ",".join(sorted(group.types)) if shared else group.key, bucket, shared, model)
-        ids = self._ids.get(key)
-        if ids is None:
+        found = self._ids.get(key)
+        if found is None:
             ids = tuple(
                 p.id
                 for p in self._policies
@@ -424,12 +536,27 @@ class PolicyIndex:
                 and (p.models is None or model in p.models)
                 and _resource_matches(p.resource, group)
             )
+            found = ids, any(self._by_id[i].principal_guards for i in ids)
             if len(self._ids) >= 100_000:  # bounded: keys grow with the models asked for
                 self._ids.clear()
-            self._ids[key] = ids
-        return ids
+            self._ids[key] = found
+        ids, guarded = found
+        if not guarded:
+            return ids
+        narrowed = self._narrowed.get((ids, facts))
+        if narrowed is None:
+            known = dict(zip(self.guarded_attributes, facts, strict=False))
+            narrowed = tuple(
+                i
+                for i in ids
+                if all(a in known and known[a] in values for a, values in self._by_id[i].principal_guards)
+            )
+            if len(self._narrowed) >= 100_000:
+                self._narrowed.clear()
+            self._narrowed[(ids, facts)] = narrowed
+        return narrowed
 
-    def _set(self, ids: tuple[str, ...]) -> cedarpy.PolicySet:
+    def _set(self, ids: tuple[str, ...]) -> _CompiledSet:
         found = self._sets.get(ids)
         if found is None:
             with self._lock:
@@ -437,7 +564,16 @@ class PolicyIndex:
                 if found is None:
                     nodes = {i: self._by_id[i].node for i in ids}
                     tree = pst.PolicySet(templates={}, static_policies=nodes, template_links=())
-                    found = cedarpy.PolicySet.from_pst(tree)
+                    reads: set[str] | None = set()
+                    for i in ids:
+                        attrs = self._by_id[i].context_attrs
+                        if attrs is None or reads is None:
+                            reads = None
+                        else:
+                            reads |= attrs
+                    found = _CompiledSet(
+                        cedarpy.PolicySet.from_pst(tree), None if reads is None else frozenset(reads)
+                    )
                     self._sets[ids] = found
         return found
 
@@ -451,6 +587,10 @@ class PolicyIndex:
                     if ids:
                         self._set(ids)
 
+    def principal_facts(self, attributes: Mapping[str, object]) -> tuple[object, ...]:
+        """A principal's values of `guarded_attributes`, for `evaluate`."""
+        return tuple(attributes.get(attr) for attr in self.guarded_attributes)
+
     def evaluate(
         self,
         action: str,
@@ -458,11 +598,13 @@ class PolicyIndex:
         principal: dict[str, str],
         targets: Sequence[Target],
         entities: str | cedarpy.Entities,
-        context: str,
+        context: Mapping[str, object],
         model: str = "",
+        facts: tuple[object, ...] = (),
     ) -> list[Verdict]:
         """One verdict per target (all of one entity type). `entities`: Cedar JSON or a parsed
-        handle; `context`: a JSON object as text.
+        handle; `context`: the request context (JSON-serialisable values); `facts`: the
+        principal's values of `guarded_attributes` (see `principal_facts`).
 
         Per principal bucket, the resource-independent policies are evaluated once, and the others
         once per distinct set of applicable policies (deployments sharing one are batched)."""
@@ -471,36 +613,44 @@ class PolicyIndex:
         forbids: list[list[str]] = [[] for _ in targets]
         errors: list[list[str]] = [[] for _ in targets]
         action_uid = {"type": f"{NAMESPACE}::Action", "id": action}
-        requests = [
-            {"principal": principal, "action": action_uid, "resource": t.uid, "context": context}
-            for t in targets
-        ]
+        encoded: dict[frozenset[str] | None, str] = {}
 
-        def note(result: cedarpy.AuthzResult, which: Iterable[int]) -> None:
-            reasons = result.diagnostics.reasons
+        def authorize(compiled: _CompiledSet, which: Sequence[int]) -> list[Outcome]:
+            attrs = compiled.context_attrs
+            text = encoded.get(attrs)
+            if text is None:
+                subset = context if attrs is None else {k: v for k, v in context.items() if k in attrs}
+                text = encoded[attrs] = orjson.dumps(subset).decode()
+            requests: list[dict[str, object]] = [
+                {"principal": principal, "action": action_uid, "resource": targets[i].uid, "context": text}
+                for i in which
+            ]
+            return _authorize_batch(requests, compiled.policies, entities)
+
+        def note(result: Outcome, which: Iterable[int]) -> None:
+            allowed, reasons, problems = result
             for i in which:
-                if result.allowed:
+                if allowed:
                     permits[i].extend(reasons)
                 elif reasons:  # a Deny that names policies: forbids matched
                     forbids[i].extend(reasons)
-                if result.diagnostics.errors:
-                    errors[i].extend(result.diagnostics.errors)
+                if problems:
+                    errors[i].extend(problems)
 
         for bucket in buckets:
-            shared = self._applicable(action, targets[0].group, bucket, True, model)
+            shared = self._applicable(action, targets[0].group, bucket, True, model, facts)
             folded: tuple[str, ...] = ()
             if len(shared) * (n - 1) <= FOLD_EVALUATIONS:
                 folded = shared  # cheaper to evaluate again per deployment than in a call of its own
             else:
-                note(cedarpy.is_authorized_batch(requests[:1], self._set(shared), entities)[0], range(n))
+                note(authorize(self._set(shared), (0,))[0], range(n))
             by_ids: dict[tuple[str, ...], list[int]] = {}
             for i, target in enumerate(targets):
-                ids = folded + self._applicable(action, target.group, bucket, False, model)
+                ids = folded + self._applicable(action, target.group, bucket, False, model, facts)
                 if ids:
                     by_ids.setdefault(ids, []).append(i)
             for ids, which in by_ids.items():
-                results = cedarpy.is_authorized_batch([requests[i] for i in which], self._set(ids), entities)
-                for i, result in zip(which, results, strict=True):
+                for i, result in zip(which, authorize(self._set(ids), which), strict=True):
                     note(result, (i,))
         return [
             Verdict(
