@@ -40,7 +40,11 @@ def fill(log: audit.AuditLog, n: int) -> None:
 def test_chain_verifies_and_links(db: Database) -> None:
     log = audit.AuditLog(db)
     assert log.verify().ok and log.verify().records == 0
-    fill(log, 5)
+    fill(log, 4)
+    # The writer hashes `detail` serialised once; the verifier hashes what the database gives back.
+    log.record_admin_action(
+        "bob", "x.y", detail={"z": 1, "a": {"y": 2.5, "b": None}, 10: "int key", "é": ("t", 2)}
+    )
     result = log.verify()
     assert result.ok and result.records == 5 and result.head_seq == 5
     records = audit.records_after(db, 0, 100)
@@ -196,3 +200,38 @@ async def test_decision_writer_keeps_records_while_the_database_is_down(tmp_path
     assert await log.flush() and log.pending == 0
     assert [r["request_id"] for r in audit.records_after(db, 0, 10)] == ["r3", "r4", "r5", "r6", "r7"]
     db.dispose()
+
+
+def test_migration_0009_keeps_the_chain_and_drops_the_hash_index(tmp_path: Path) -> None:
+    """Records written before the audit table was rebuilt still verify after it, and back."""
+    from alembic import command
+    from alembic.config import Config
+
+    from plinth.storage.db import MIGRATIONS
+
+    database = Database(f"sqlite:///{tmp_path / 'plinth.db'}")
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+
+    def to(revision: str, up: bool = True) -> None:
+        with database.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            (command.upgrade if up else command.downgrade)(config, revision)
+
+    def indexes() -> set[str]:
+        with sqlite3.connect(_sqlite_path(database)) as raw:
+            return {row[1] for row in raw.execute("PRAGMA index_list(audit_records)")}
+
+    to("0008")
+    log = audit.AuditLog(database)
+    fill(log, 4)
+    assert any(name.startswith("sqlite_autoindex") for name in indexes())
+    to("head")
+    assert not any(name.startswith("sqlite_autoindex") for name in indexes())  # no hash or seq index
+    assert "ix_audit_records_kind_seq" in indexes()
+    fill(log, 3)
+    result = log.verify()
+    assert result.ok and result.records == 7
+    to("0008", up=False)
+    assert log.verify().ok and "ix_audit_records_kind" in indexes()
+    database.dispose()

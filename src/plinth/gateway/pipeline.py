@@ -109,7 +109,14 @@ def new_context(request: Request) -> RequestContext:
     incoming = request.headers.get("x-request-id")
     if incoming and len(incoming) <= 128 and incoming.isprintable():
         return RequestContext(request_id=incoming)
-    return RequestContext(request_id="req_" + os.urandom(16).hex())
+    return RequestContext(request_id=new_request_id())
+
+
+def new_request_id() -> str:
+    """`req_` + 12 hex digits of Unix milliseconds + 20 random: unique, and time-ordered (like a
+    UUIDv7) so the request-id indexes of usage and audit records grow at their end instead of
+    rewriting pages all over the tree on every batch (migration 0009)."""
+    return f"req_{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
 def response_headers(ctx: RequestContext, endpoint: Endpoint) -> dict[str, str]:
