@@ -25,7 +25,7 @@ from plinth.storage.background import run_in_background
 
 T = TypeVar("T")
 
-BEHIND_BATCHES = 10  # batches waiting beyond which the writer stops yielding to requests
+BEHIND_BATCHES = 2  # batches waiting beyond which the writer stops yielding to requests
 RETRY_MAX_S = 5.0
 
 
