@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,45 +263,46 @@ def _resource_matches(constraint: pst.PrincipalOrResourceConstraint, group: Grou
     return True
 
 
-def _mentions_resource(node: object) -> bool:
+def _nodes(node: object, *, prune: Callable[[object], bool] = lambda _: False) -> Iterator[object]:
+    """Every node of a policy's syntax tree, depth first; the children of nodes for which `prune`
+    is true are skipped."""
     stack: list[object] = [node]
     while stack:
         value = stack.pop()
-        if isinstance(value, pst.Var):
-            if value.name == "resource":
-                return True
-        elif isinstance(value, dict):
+        yield value
+        if prune(value):
+            continue
+        if isinstance(value, dict):
             stack.extend(value.values())
         elif isinstance(value, tuple | list):
             stack.extend(value)
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
             stack.extend(getattr(value, f.name) for f in dataclasses.fields(value))
-    return False
+
+
+def _mentions_resource(node: object) -> bool:
+    return any(isinstance(value, pst.Var) and value.name == "resource" for value in _nodes(node))
+
+
+def _reads_context_attribute(value: object) -> bool:
+    return (
+        isinstance(value, pst.GetAttr | pst.HasAttr)
+        and isinstance(value.base, pst.Var)
+        and value.base.name == "context"
+    )
 
 
 def _context_attrs(node: object) -> frozenset[str] | None:
     """The `context` attributes a policy reads (`context.x`, `context has x`); None when it uses
     `context` in any other way, so needs all of it."""
     names: set[str] = set()
-    stack: list[object] = [node]
-    while stack:
-        value = stack.pop()
-        if (
-            isinstance(value, pst.GetAttr | pst.HasAttr)
-            and isinstance(value.base, pst.Var)
-            and value.base.name == "context"
-        ):
-            names.add(value.attr if isinstance(value, pst.GetAttr) else value.attrs[0])
-            continue
-        if isinstance(value, pst.Var):
-            if value.name == "context":
-                return None
-        elif isinstance(value, dict):
-            stack.extend(value.values())
-        elif isinstance(value, tuple | list):
-            stack.extend(value)
-        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            stack.extend(getattr(value, f.name) for f in dataclasses.fields(value))
+    for value in _nodes(node, prune=_reads_context_attribute):
+        if isinstance(value, pst.GetAttr) and _reads_context_attribute(value):
+            names.add(value.attr)
+        elif isinstance(value, pst.HasAttr) and _reads_context_attribute(value):
+            names.add(value.attrs[0])
+        elif isinstance(value, pst.Var) and value.name == "context":
+            return None
     return frozenset(names)
 
 
