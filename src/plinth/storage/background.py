@@ -3,8 +3,8 @@
 The batch writers run beside the event loop in the same process, and so on the same CPU cores. In a
 worker thread of normal priority a 150-row insert takes the core away from the event loop for a few
 milliseconds, which showed as the 1-connection p99 (4.1 ms against 1.1 ms with the writer stopped).
-Here the thread runs at the lowest OS priority (SCHED_IDLE where Linux allows it, else nice +10; set
-per thread): the kernel lets the event loop preempt it as soon as a request arrives. Under full load that share (about a tenth of a
+Here the thread runs at a lower OS priority (nice +10, Linux sets it per thread): the kernel lets the
+event loop preempt it as soon as a request arrives. Under full load that share (about a tenth of a
 contended core) is too little for usage records and audited decisions together, and the buffers
 grew (measured: +48 MB over 100,000 requests at 1,500 req/s). So a writer that falls behind passes
 `behind=True` and its batch runs on an ordinary-priority thread until it has caught up.
@@ -29,15 +29,12 @@ _lock = threading.Lock()
 
 
 def _lower_priority() -> None:
-    # On Linux `setpriority(PRIO_PROCESS, tid)` and `sched_setscheduler(0, ...)` apply to the
-    # calling thread, and lowering one's own priority needs no privilege. SCHED_IDLE: the kernel
-    # runs it only when the core has nothing else to do, and preempts it at once when a request
-    # wakes the event loop (a nice +10 thread could keep the core for its time slice: measured,
-    # 1-connection p90 1.8 ms against 1.3 ms). Elsewhere these are harmless no-ops.
+    # On Linux `setpriority(PRIO_PROCESS, tid)` applies to one thread; raising one's own nice
+    # value needs no privilege. Elsewhere this is a harmless no-op. Not SCHED_IDLE, although it
+    # helped the 1-connection median: a writer starved mid-transaction holds SQLite's write lock,
+    # and with 2 workers the other's writes timed out ("database is locked"; docs/benchmarks.md).
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE_INCREMENT)
-    with contextlib.suppress(AttributeError, OSError):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def background_executor() -> ThreadPoolExecutor:
