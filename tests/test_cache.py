@@ -76,9 +76,13 @@ async def _settled(server: GatewayServer, timeout: float = 5.0) -> None:
 async def _ask(
     server: GatewayServer, content: str, headers: dict[str, str] | None = None, key: str = USER_KEY, **kw: Any
 ) -> tuple[str, str | None]:
-    raw = await _client(server, key).chat.completions.with_raw_response.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": content}], extra_headers=headers, **kw
-    )
+    # Closed each time: a client left to the garbage collector closes its socket whenever GC runs,
+    # and a later connection reusing that file descriptor can lose its event-loop registration
+    # (seen once in CI: a response received but never read, until the 600 s timeout).
+    async with _client(server, key) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": content}], extra_headers=headers, **kw
+        )
     answer = raw.parse()
     await _settled(server)
     return answer.choices[0].message.content or "", raw.headers.get("x-plinth-cache")
@@ -174,6 +178,7 @@ async def test_streamed_answer_is_cached_and_replayed_to_the_openai_sdk(
 
     first = await stream()
     second = await stream()
+    await client.close()
     assert first[:2] == ("echo: ok", "miss") and second[:2] == ("echo: ok", "hit")
     assert second[2] is not None and second[2].total_tokens == first[2].total_tokens == 7
     # The same question unstreamed is the same entry.
@@ -296,11 +301,12 @@ async def test_semantic_hit_for_a_paraphrase_only(
     server = gateway_factory(_config(openai_upstream, semantic_threshold=0.9))
 
     async def ask(question: str, system: str = "Be brief.") -> tuple[str, str | None]:
-        raw = await _client(server).chat.completions.with_raw_response.create(
-            model="gpt-4o-mini",
-            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
-            extra_headers=SEMANTIC,
-        )
+        async with _client(server) as client:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+                extra_headers=SEMANTIC,
+            )
         await _settled(server, timeout=120)  # the first write loads the model
         return raw.parse().choices[0].message.content or "", raw.headers.get("x-plinth-cache")
 
