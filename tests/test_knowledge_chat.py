@@ -141,6 +141,7 @@ async def test_streaming_chat_carries_citations_in_a_last_chunk_openai_sdk(
             text += chunk.choices[0].delta.content
         if chunk.model_extra and "plinth" in chunk.model_extra:
             extensions.append(chunk.model_extra["plinth"])
+    await client.close()  # not left to GC (see tests/test_cache.py `_ask`)
     assert text  # the model's answer streamed as usual
     [extension] = extensions  # one chunk, after the answer, with no choices
     citations = extension["citations"]
@@ -180,6 +181,7 @@ async def test_anthropic_messages_with_knowledge_bases_stream_and_not(
         extra_body=extra,
     ) as stream:
         final = await stream.get_final_message()
+    await client.close()
     assert final.model_extra is not None  # carried in message_start's message
     assert final.model_extra["plinth"]["citations"][0]["chunk_id"] > 0
 

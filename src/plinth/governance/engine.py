@@ -173,6 +173,17 @@ class _PrincipalView:
         return handle
 
 
+def _request_context(level: Level, region: str | None, types: Iterable[str], model: str) -> dict[str, object]:
+    """The Cedar `context` of a request (the schema's `Request` type)."""
+    return {
+        "data_class": level.value,
+        "data_class_rank": level.rank,
+        "caller_region": region or "",
+        "entity_types": sorted(set(types)),
+        "model": model,
+    }
+
+
 def _principal_view(principal: Principal) -> _PrincipalView:
     ident = principal.key_id or principal.name
     uid = {"type": f"{NAMESPACE}::Key", "id": ident}
@@ -512,13 +523,7 @@ class Governance:
         requested: str,
     ) -> list[Verdict]:
         who = self._principal(principal)
-        context = {
-            "data_class": level.value,
-            "data_class_rank": level.rank,
-            "caller_region": region or "",
-            "entity_types": sorted(types),
-            "model": requested,
-        }
+        context = _request_context(level, region, types, requested)
         targets = [m.target for m in running]
         return policies.evaluate(
             action,
@@ -591,13 +596,7 @@ class Governance:
         group = Group(
             label, frozenset({resource.type}), frozenset({(resource.type, resource.id)}), frozenset()
         )
-        context = {
-            "data_class": data_class.value,
-            "data_class_rank": data_class.rank,
-            "caller_region": caller_region or "",
-            "entity_types": sorted(set(entity_types)),
-            "model": "",
-        }
+        context = _request_context(data_class, caller_region, entity_types, "")
         targets = [Target(uid, group)]
         verdict = snap.policies.evaluate(
             action,

@@ -29,7 +29,8 @@ import cedarpy
 import orjson
 from cedarpy import pst
 
-_cedar_native: Any = getattr(cedarpy, "_internal", None)  # see _authorize_batch
+# The extension's own entry point (see _authorize_batch); None with a cedarpy that lacks it.
+_NATIVE_AUTHORIZE: Any = getattr(getattr(cedarpy, "_internal", None), "is_authorized_batch", None)
 
 NAMESPACE = "Plinth"
 # A Cedar call costs about as much as 20-30 policy evaluations (building the request dominates):
@@ -360,8 +361,8 @@ def _equality_guards(clauses: tuple[pst.Clause, ...]) -> dict[tuple[str, str], f
     return guards
 
 
-def _guard_values(values: frozenset[object] | None, kind: type[str]) -> frozenset[str] | None:
-    return None if values is None else frozenset(v for v in values if isinstance(v, kind))
+def _strings(values: frozenset[object] | None) -> frozenset[str] | None:
+    return None if values is None else frozenset(v for v in values if isinstance(v, str))
 
 
 def _parse_file(name: str, text: str, known: dict[str, Policy]) -> list[Policy]:
@@ -399,7 +400,7 @@ def _parse_file(name: str, text: str, known: dict[str, Policy]) -> list[Policy]:
             node=dataclasses.replace(node, id=ident),
             independent=isinstance(node.resource, pst.ScopeAny | pst.ScopeIs)
             and not _mentions_resource(node.clauses),
-            models=_guard_values(guards.get(("context", "model")), str),
+            models=_strings(guards.get(("context", "model"))),
             principal_guards=tuple(
                 (attr, values) for (var, attr), values in sorted(guards.items()) if var == "principal"
             ),
@@ -473,15 +474,14 @@ def _authorize_batch(
     Measured with bench/policy_bench.py: cedarpy's wrapper parses each result with `json` into an
     AuthzResult; reading the extension's JSON directly takes 7-10% off a full evaluation. The
     public function is used when the extension's entry point is not there (another cedarpy)."""
-    native = getattr(_cedar_native, "is_authorized_batch", None)
-    if native is None:
+    if _NATIVE_AUTHORIZE is None:
         return [
             (r.allowed, r.diagnostics.reasons, r.diagnostics.errors)
             for r in cedarpy.is_authorized_batch(requests, policies, entities)
         ]
     handle = entities._inner if isinstance(entities, cedarpy.Entities) else entities
     out: list[Outcome] = []
-    for text in native(requests, policies, handle, None, False):
+    for text in _NATIVE_AUTHORIZE(requests, policies, handle, None, False):
         result = orjson.loads(text)
         diagnostics = result.get("diagnostics") or {}
         out.append(
@@ -565,16 +565,9 @@ class PolicyIndex:
                 if found is None:
                     nodes = {i: self._by_id[i].node for i in ids}
                     tree = pst.PolicySet(templates={}, static_policies=nodes, template_links=())
-                    reads: set[str] | None = set()
-                    for i in ids:
-                        attrs = self._by_id[i].context_attrs
-                        if attrs is None or reads is None:
-                            reads = None
-                        else:
-                            reads |= attrs
-                    found = _CompiledSet(
-                        cedarpy.PolicySet.from_pst(tree), None if reads is None else frozenset(reads)
-                    )
+                    reads = [self._by_id[i].context_attrs for i in ids]
+                    needed = None if None in reads else frozenset(a for r in reads if r for a in r)
+                    found = _CompiledSet(cedarpy.PolicySet.from_pst(tree), needed)
                     self._sets[ids] = found
         return found
 
