@@ -257,6 +257,9 @@ def test_cli_jobs_job_and_resume(tmp_path: Path) -> None:
     assert job["status"] == "partial" and job["files"] == {"total": 5, "done": 5}
     shown = runner.invoke(app, ["kb", "job", job["id"], *common, "--json"], env=env)
     assert json.loads(shown.stdout)["id"] == job["id"]
+    record = runner.invoke(app, ["kb", "job", job["id"], *common], env=env)
+    assert record.exit_code == 0 and job["id"] in record.stdout and "5/5" in record.stdout
+    assert "partial" in record.stdout and "c.pdf" in record.stderr  # the failed files, with why
     table = runner.invoke(app, ["kb", "jobs", *common, "--kb", "pets"], env=env)
     assert job["id"] in table.stdout and "partial" in table.stdout
     other = runner.invoke(app, ["kb", "job", job["id"], "--team", "team_b", "--db", db_url], env=env)

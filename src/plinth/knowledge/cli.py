@@ -385,6 +385,11 @@ def _job_or_fail(jobs: IngestJobs, job_id: str, team: str) -> KbJob:
         raise _fail(str(exc)) from None
 
 
+JOB_FIELDS = ("id", "knowledge_base", "kind", "source", "status", "files", "added", "replaced", "unchanged",
+              "removed", "failed", "chunks", "attempts", "error", "created_at", "started_at",
+              "finished_at")  # fmt: skip
+
+
 @kb_app.command("job")
 def show_job(
     job_id: str,
@@ -402,13 +407,10 @@ def show_job(
     if as_json:
         out.print(shown.model_dump_json(indent=2), highlight=False, soft_wrap=True)
         return
-    table = Table("field", "value")
-    for name in ("id", "knowledge_base", "kind", "source", "status", "added", "replaced", "unchanged",
-                 "removed", "failed", "chunks", "attempts", "error", "created_at", "started_at",
-                 "finished_at"):  # fmt: skip
-        table.add_row(name, str(getattr(shown, name)))
-    table.add_row("files", f"{shown.files.done}/{shown.files.total}")
-    out.print(table)
+    from plinth.admin.cli import _record
+
+    row = shown.model_dump(mode="json") | {"files": f"{shown.files.done}/{shown.files.total}"}
+    _record(row, [(name, name) for name in JOB_FIELDS])
     for error in shown.errors:
         err.print(f"[yellow]skipped[/yellow] {error.source}: {error.reason}", highlight=False)
 
