@@ -21,6 +21,7 @@ from plinth.metering.models import UsageRecord
 from plinth.metering.prices import PriceBook
 from plinth.providers.types import Usage
 from plinth.storage import Database
+from plinth.storage.background import SLICE_ROWS, executemany_in_slices, yield_to_requests
 from plinth.storage.batches import BatchWriter
 from plinth.tenancy import Principal
 
@@ -116,7 +117,9 @@ class UsageRecorder(BatchWriter[PendingUsage]):
 
     def _rows(self, batch: list[PendingUsage], *, sqlite: bool) -> list[tuple[Any, ...]]:
         rows = []
-        for item in batch:
+        for n, item in enumerate(batch, 1):
+            if n % SLICE_ROWS == 0:
+                yield_to_requests()  # see plinth.storage.background
             usage = item.usage or _NO_USAGE
             principal = item.principal
             cost = 0.0 if item.cache_hit else self.prices.cost(item.alias, item.deployment, item.model, usage)
@@ -147,7 +150,7 @@ class UsageRecorder(BatchWriter[PendingUsage]):
         return rows
 
     def write_batch(self, batch: list[PendingUsage]) -> None:
-        """One executemany in one transaction (runs in a worker thread).
+        """One transaction of slice-sized executemanys (runs on the background writer thread).
 
         Plain DB-API rather than `session.execute(insert(UsageRecord), dicts)`: measured on SQLite,
         1,000 rows take 6 ms this way and 19 ms through SQLAlchemy's row processing, and that time
@@ -157,5 +160,5 @@ class UsageRecorder(BatchWriter[PendingUsage]):
             rows = self._rows(batch, sqlite=sqlite)
             mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
             sql = f"INSERT INTO {UsageRecord.__tablename__} ({', '.join(_COLUMNS)}) VALUES ({', '.join([mark] * len(_COLUMNS))})"
-            connection.exec_driver_sql(sql, rows)
+            executemany_in_slices(connection, sql, rows)
         WRITTEN.inc(len(rows))
