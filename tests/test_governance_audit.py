@@ -53,6 +53,42 @@ def test_chain_verifies_and_links(db: Database) -> None:
     assert all(b["prev_hash"] == a["hash"] for a, b in itertools.pairwise(records))
 
 
+@pytest.mark.parametrize("sqlite", [True, False])
+def test_prepared_entries_hash_exactly_like_the_records_they_become(sqlite: bool) -> None:
+    """`_chain` splices seq and prev_hash into JSON serialised earlier; the verifier serialises the
+    whole record. Awkward values (escapes, unicode, None, clipped fields, non-string keys) must
+    give the same bytes, or every such record would read as edited."""
+    entries = [
+        audit.Entry("decision", 'quote" back\\slash', "invoke", "deny", None, "línea\nnueva \u2028", "r-1",
+                    ("p1", "p\"2"), {"z": [1, 2.5, None], 3: "int key", "é": {"b": True, "a": ()}}),
+        audit.Entry("admin", "a" * 500, "x" * 150, "ok-but-much-too-long-outcome", "t", None, None, (), {}),
+    ]  # fmt: skip
+    prepared = [audit.prepare(e, sqlite=sqlite) for e in entries]
+    rows, head = audit._chain(prepared, 41, "f" * 64)
+    assert [r[0] for r in rows] == [42, 43] and rows[0][-2] == "f" * 64 and head == rows[-1][-1]
+    for row in rows:
+        record = dict(zip(audit._COLUMNS, row, strict=True))
+        record["created_at"] = str(record["created_at"]).replace(" ", "T")
+        record["policy_ids"] = json.loads(record["policy_ids"])
+        record["detail"] = json.loads(record["detail"])
+        assert audit.record_hash(record) == record["hash"]
+    assert len(rows[1][3]) == 200 and rows[1][3].endswith("…")  # clipped before hashing
+
+
+def test_decision_batches_larger_than_a_slice_are_written_whole(db: Database) -> None:
+    """The writer inserts in slices of a few rows (yielding the core between them)."""
+    log = audit.AuditLog(db)
+    decision = Governance(parse_config({}), None).decide(
+        Principal(name="x"), "invoke", "m", ["m-1"], Level.PUBLIC
+    )
+    for i in range(21):
+        log.record_decision(f"r{i}", None, decision)
+    log.write_batch(list(log._buffer))
+    result = log.verify()
+    assert result.ok and result.records == 21
+    assert [r["request_id"] for r in audit.records_after(db, 0, 100)] == [f"r{i}" for i in range(21)]
+
+
 def _sqlite_path(db: Database) -> str:
     assert db.is_sqlite and db.url.database
     return db.url.database

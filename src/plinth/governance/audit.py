@@ -70,7 +70,9 @@ def _clip(value: str | None, name: str) -> str | None:
 def record_hash(record: dict[str, Any]) -> str:
     """The chain hash of one record (a dict as `as_dict` makes it): sha256 of its `_HASHED` fields,
     `prev_hash` included, as one JSON array with sorted keys. `_chain` builds the same bytes."""
-    return hashlib.sha256(orjson.dumps(tuple(record[c] for c in _HASHED), option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return hashlib.sha256(
+        orjson.dumps(tuple(record[c] for c in _HASHED), option=orjson.OPT_SORT_KEYS)
+    ).hexdigest()
 
 
 def _iso(moment: dt.datetime) -> str:
