@@ -14,7 +14,10 @@ a request's wake-up does not interrupt a thread that is running Python in user s
 loop waits for that thread's next system call or the next tick, up to 4 ms, whatever its nice
 value or scheduling class (`perf sched timehist` showed the event loop runnable but waiting 2.5 ms
 behind the writer). So the writers work in slices of a few rows and call `yield_to_requests()`
-between them, a system call that lets a waiting request in (docs/benchmarks.md).
+between them, a system call that hands the core to a waiting request (docs/benchmarks.md). Only
+this thread yields, and only for the first `YIELD_BUDGET_S` of each batch: under full load a request
+is always waiting, every yield gave the core away, and a batch that yielded throughout took seconds
+while holding SQLite's write lock (measured: the usage writer fell ever further behind).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -34,9 +38,11 @@ T = TypeVar("T")
 
 NICE_INCREMENT = 10
 SLICE_ROWS = 8  # rows per executemany between yields: about 0.1 ms of work on the writer thread
+YIELD_BUDGET_S = 0.02  # a batch yields for this long, then runs straight to its end
 
 _executor: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
+_this_thread = threading.local()  # `.yield_until`: set on the low-priority writer thread only
 
 
 def _lower_priority() -> None:
@@ -61,15 +67,27 @@ def background_executor() -> ThreadPoolExecutor:
 
 async def run_in_background(fn: Callable[..., T], *args: object, behind: bool = False) -> T:
     """`asyncio.to_thread` on the low-priority writer thread; on an ordinary one when `behind`."""
-    executor = None if behind else background_executor()
-    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    loop = asyncio.get_running_loop()
+    if behind:
+        return await loop.run_in_executor(None, fn, *args)
+    return await loop.run_in_executor(background_executor(), _with_yield_budget, fn, *args)
+
+
+def _with_yield_budget(fn: Callable[..., T], *args: object) -> T:
+    _this_thread.yield_until = time.monotonic() + YIELD_BUDGET_S
+    try:
+        return fn(*args)
+    finally:
+        _this_thread.yield_until = 0.0
 
 
 def yield_to_requests() -> None:
     """Enter the kernel so that a request that woke meanwhile gets the core (see the module docstring).
 
-    `sched_yield` also releases the GIL; with nothing waiting it returns in about a microsecond."""
-    os.sched_yield()
+    `sched_yield` also releases the GIL; with nothing waiting it returns in about a microsecond.
+    A no-op on any other thread than the low-priority writer, and once its batch's budget is spent."""
+    if time.monotonic() < getattr(_this_thread, "yield_until", 0.0):
+        os.sched_yield()
 
 
 def executemany_in_slices(connection: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
