@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from prometheus_client import Counter
 
 from plinth.storage import Database
+from plinth.storage.background import executemany_in_slices
 from plinth.storage.batches import BatchWriter
 
 log = logging.getLogger("plinth.guardrails")
@@ -92,7 +93,7 @@ class EventRecorder(BatchWriter[GuardrailEvent]):
                 f"INSERT INTO guardrail_events ({', '.join(_COLUMNS)}) "
                 f"VALUES ({', '.join([mark] * len(_COLUMNS))})"
             )
-            connection.exec_driver_sql(sql, rows)
+            executemany_in_slices(connection, sql, rows)  # yields to requests between slices
 
 
 __all__ = ["EventRecorder", "EventSink", "GuardrailEvent"]
