@@ -3,12 +3,16 @@
     .venv/bin/python scripts/train_injection_classifier.py \
         --data ../shared/data/injection/deepset_dev.jsonl \
         --data scripts/data/injection_supplement.jsonl \
+        --data scripts/data/injection_benign_prose.jsonl \
         --out src/plinth/guardrails/detectors/injection_model.json.gz
 
 Data: JSON lines with `text` and `label` (1 = injection). The shipped model is trained on 408 rows of
 deepset/prompt-injections (Apache-2.0, English and German) plus `scripts/data/injection_supplement.jsonl`
-(180 prompts written for Plinth, Apache-2.0: ordinary enterprise requests, so that "summarise this"
-is not an attack, and indirect-injection phrasings). The model is TF-IDF over character 1-5 grams of
+(220 texts written for Plinth, Apache-2.0: ordinary enterprise requests, so that "summarise this"
+is not an attack, long business documents, and indirect-injection phrasings) and
+`scripts/data/injection_benign_prose.jsonl` (50 paragraphs of the Python Language Reference, PSF
+License, made by `scripts/data/make_benign_prose.py`): deepset's long rows are all injections, and
+without long benign prose the model took any long text for one. The model is TF-IDF over character 1-5 grams of
 the folded text (see `plinth.guardrails.detectors.injection_features`) and a class-balanced logistic
 regression. scikit-learn is needed only here; Plinth scores the exported
 weights in pure Python (`plinth.guardrails.detectors.injection.InjectionClassifier`).
@@ -51,7 +55,8 @@ SENSITIVE_FPR = 0.15  # the threshold for retrieved and tool text
 FORMAT = 1
 LICENCES = (
     "deepset_dev.jsonl: deepset/prompt-injections, Apache-2.0; "
-    "injection_supplement.jsonl: written for Plinth, Apache-2.0"
+    "injection_supplement.jsonl: written for Plinth, Apache-2.0; "
+    "injection_benign_prose.jsonl: Python Language Reference (pydoc_data), PSF License"
 )
 
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from plinth.guardrails.detectors import options as opt
 from plinth.guardrails.detectors.injection_features import ngram_counts
-from plinth.guardrails.detectors.injection_rules import RULES, Rule
+from plinth.guardrails.detectors.injection_rules import RULES, Rule, keyword_text
 from plinth.guardrails.detectors.text import clean, span_in_original, windows
 from plinth.guardrails.types import Finding, ScanContext, Source
 
@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 MODEL_RESOURCE = "injection_model.json.gz"
 MODEL_FORMAT = 1
 RULE_SCORE = 0.95  # rules are precise; a rule match is reported with this confidence
-WINDOW_CHARS = 1000
-WINDOW_OVERLAP = 200
+WINDOW_CHARS = 500
+WINDOW_OVERLAP = 150
 INDIRECT_SOURCES = frozenset({Source.TOOL, Source.RETRIEVED})
 
 
@@ -155,17 +155,25 @@ class InjectionClassifier:
         return self.intercept + (dot / math.sqrt(norm) if norm > 0.0 else 0.0)
 
     def probability(self, text: str) -> float:
-        z = self.decision(text)
-        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+        return _sigmoid(self.decision(text))
 
     def worst_window(self, text: str, size: int = WINDOW_CHARS, overlap: int = WINDOW_OVERLAP) -> Window:
         """The highest-scoring window of `text` (the whole text when it is short)."""
+        spans = list(windows(text, size, overlap))
+        if self._vectorized is not None and len(text) >= VECTORIZE_FROM_CHARS:
+            decisions = [self.intercept + d for d in self._vectorized.dots([text[s:e] for s, e in spans])]
+        else:
+            decisions = [self.decision_python(text[s:e]) for s, e in spans]
         best = Window(0.0, 0, len(text))
-        for start, end in windows(text, size, overlap):
-            p = self.probability(text[start:end])
+        for (start, end), z in zip(spans, decisions, strict=True):
+            p = _sigmoid(z)
             if p > best.probability:
                 best = Window(p, start, end)
         return best
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
 _PACKAGED: InjectionClassifier | None = None
@@ -176,9 +184,10 @@ _LOAD_LOCK = threading.Lock()
 def rule_matches(text: str, rules: tuple[Rule, ...] = RULES) -> list[tuple[Rule, int, int]]:
     """Every rule that matches, with the span of its first match in `text`."""
     cleaned = clean(text)
+    keywords = keyword_text(cleaned)
     found: list[tuple[Rule, int, int]] = []
     for rule in rules:
-        match = rule.pattern.search(cleaned)
+        match = rule.search(cleaned, keywords)
         if match is not None:
             start, end = span_in_original(text, cleaned, match.start(), match.end())
             found.append((rule, start, end))

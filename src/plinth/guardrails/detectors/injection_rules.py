@@ -26,10 +26,27 @@ class Rule:
     id: str
     pattern: re.Pattern[str]
     why: str
+    # Substrings of which every match contains at least one (in `keyword_text` form); empty: none.
+    # A rule whose keywords are all absent is not run: on a 2 KB prompt the thirteen patterns cost
+    # 2.3 ms, the substring checks a few microseconds (measured, docs/guardrails.md).
+    needs: tuple[str, ...] = ()
+
+    def search(self, cleaned: str, keywords: str) -> re.Match[str] | None:
+        """The first match in `cleaned`; `keywords` is `keyword_text(cleaned)`."""
+        if self.needs and not any(word in keywords for word in self.needs):
+            return None
+        return self.pattern.search(cleaned)
 
 
-def _rule(rule_id: str, pattern: str, why: str) -> Rule:
-    return Rule(rule_id, re.compile(pattern, re.IGNORECASE | re.MULTILINE), why)
+def keyword_text(cleaned: str) -> str:
+    """`cleaned` as the keyword checks see it: case folded, and dotless i made i (the one character
+    left after NFKC that the patterns' IGNORECASE matches to an ASCII letter it does not fold to;
+    tests/test_guardrails_detectors.py checks every code point)."""
+    return cleaned.casefold().replace("\u0131", "i")
+
+
+def _rule(rule_id: str, pattern: str, why: str, needs: tuple[str, ...] = ()) -> Rule:
+    return Rule(rule_id, re.compile(pattern, re.IGNORECASE | re.MULTILINE), why, needs)
 
 
 RULES: tuple[Rule, ...] = (
@@ -37,18 +54,21 @@ RULES: tuple[Rule, ...] = (
         "ignore_instructions",
         rf"\b{_OVERRIDE}(?:ing)?\s+{_QUALIFIER}?{_ORDERS}\b",
         "tells the model to drop the instructions it was given",
+        ("ignor", "disregard", "forget", "overrid", "bypass", "overlook", "abandon", "neglect"),
     ),
     _rule(
         "forget_everything",
         r"\b(?:forget|ignore|disregard)\s+(?:about\s+)?(?:everything|all\s+(?:of\s+)?(?:that|this|the\s+above)"
         r"|what\s+(?:i|we|you)\s+(?:said|told|discussed|wrote))",
         "wipes the conversation so far",
+        ("forget", "ignor", "disregard"),
     ),
     _rule(
         "new_task",
         r"\b(?:focus|concentrate)\s+(?:only\s+)?on\s+(?:your|the|a|this)\s+new\s+(?:task|assignment|instructions?)"
         r"|\bnew\s+(?:task|instructions?|assignment)\s*:",
         "replaces the task with the attacker's",
+        ("new",),
     ),
     _rule(
         "reveal_prompt",
@@ -57,24 +77,39 @@ RULES: tuple[Rule, ...] = (
         r"(?:system\s+|initial\s+|original\s+|hidden\s+|secret\s+|previous\s+)?"
         r"(?:prompts?(?:\s+text)?|instructions|directives|configuration|pre-?prompt)\b",
         "asks for the system prompt or configuration",
+        ("prompt", "instructions", "directives", "configuration"),
     ),
     _rule(
         "persona_switch",
         r"\b(?:you\s+are\s+now|from\s+now\s+on,?\s+you(?:\s+are|'re|\s+will)|pretend\s+(?:that\s+)?(?:you\s+are|to\s+be)"
         r"|act\s+as\s+if\s+you|you\s+will\s+now\s+act\s+as|roleplay\s+as|stay\s+in\s+(?:your\s+)?(?:role|character))\b",
         "switches the assistant to another persona",
+        ("you", "pretend", "roleplay", "stay"),
     ),
     _rule(
         "jailbreak_terms",
         r"(?-i:\bDAN\b)(?=\s*(?:mode|prompt|jailbreak|\(|,|:))|\b(?:act\s+as|you\s+are|become|called)\s+(?-i:DAN)\b|\b(?:do\s+anything\s+now|developer\s+mode|jailbreak(?:ed|ing)?|god\s*mode|unfiltered\s+mode"
         r"|no\s+(?:restrictions|limitations|filters)|without\s+(?:any\s+)?(?:restrictions|limitations|filters|censorship))\b",
         "names a known jailbreak",
+        (
+            "dan",
+            "anything",
+            "developer",
+            "jailbreak",
+            "god",
+            "unfiltered",
+            "restrictions",
+            "limitations",
+            "filters",
+            "censorship",
+        ),
     ),
     _rule(
         "role_tags",
         r"<\|im_(?:start|end|sep)\|>|<\|(?:system|endoftext)\|>|\[/?INST\]|<<SYS>>"
         r"|^\s*#{2,}\s*(?:system|instruction)\b|^\s*(?:system|assistant)\s*:",
         "smuggles chat-template role markers",
+        ("<|", "inst]", "<<sys", "#", "system", "assistant"),
     ),
     _rule(
         "spaced_letters",
@@ -89,29 +124,34 @@ RULES: tuple[Rule, ...] = (
         + _DE_ORDERS
         + r"\s+(?:\w+\s+)?(?:ignorieren|vergessen|missachten)\b",
         "German: drop the instructions",
+        ("ignorier", "vergiss", "vergess", "missacht", "bergehe"),
     ),
     _rule(
         "de_new_task",
         r"\bneue[nr]?\s+(?:aufgabe|anweisung|instruktion|auftrag)\b"
         r"|\bkonzentriere\s+dich\s+(?:jetzt\s+|nun\s+)?auf\s+(?:deine|die)\s+neue",
         "German: a new task",
+        ("neue",),
     ),
     _rule(
         "de_reveal",
         r"\b(?:zeige?|gib|nenne|verrate|wiederhole)\s+(?:mir\s+)?(?:alle\s+)?(?:deine[n]?|die)\s+(?:\w+\s+)?"
         r"(?:prompt\w*|anweisungen|instruktionen|systemprompt\w*)",
         "German: reveal the prompt",
+        ("prompt", "anweisungen", "instruktionen"),
     ),
     _rule(
         "de_persona",
         r"\b(?:du\s+bist\s+(?:jetzt|nun|ab\s+sofort|ab\s+jetzt)|stell\s+dir\s+vor,?\s+du\s+bist|tu\s+so,?\s+als"
         r"|ab\s+(?:jetzt|sofort)\s+(?:bist|wirst)\s+du|abweichend\s+(?:zu|von)\s+(?:den\s+)?(?:vorherigen|bisherigen))\b",
         "German: persona switch or override",
+        ("du", "tu", "abweichend"),
     ),
     _rule(
         "other_ignore",
         r"\b(?:oubli(?:e|ez)|ignorez|olvida|ignora|olvide|zaboravi)\b\s+(?:\w+\s+){0,3}"
         r"(?:instructions?|instrucciones|consignes|instrukcije|reglas|r[eè]gles|sve)\b",
         "French, Spanish, Croatian: drop the instructions",
+        ("oubli", "ignorez", "olvid", "ignora", "zaboravi"),
     ),
 )

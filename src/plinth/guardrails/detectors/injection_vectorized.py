@@ -9,7 +9,7 @@ rounding (the sums run in another order; tests/test_guardrails_injection_speed.p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -19,10 +19,12 @@ from plinth.guardrails.detectors.text import fold
 
 _BITS = 7  # up to 127 distinct characters in the vocabulary; index 0 is "not in any n-gram"
 _LENGTH_SHIFT = _BITS * NGRAM_MAX
+_WINDOW_SHIFT = _LENGTH_SHIFT + 4  # `dots` tags each n-gram key with its text's index above this
+_GRAM_MASK = (1 << _WINDOW_SHIFT) - 1
 
 
 class AlphabetTooLarge(ValueError):
-    """The vocabulary has more distinct characters than an n-gram key can hold."""
+    """The vocabulary has more distinct characters than an n-gram key can hold (or NUL)."""
 
 
 class VectorizedDecision:
@@ -32,6 +34,8 @@ class VectorizedDecision:
         alphabet = sorted(set("".join(vocab)))
         if len(alphabet) >= 1 << _BITS:
             raise AlphabetTooLarge(f"{len(alphabet)} distinct characters in the injection vocabulary")
+        if "\0" in alphabet:  # `dots` joins windows with it
+            raise AlphabetTooLarge("the injection vocabulary has NUL in an n-gram")
         self._table = np.zeros(max(map(ord, alphabet), default=0) + 1, dtype=np.int64)
         for index, ch in enumerate(alphabet, start=1):
             self._table[ord(ch)] = index
@@ -53,11 +57,48 @@ class VectorizedDecision:
         return np.where(inside, self._table[np.where(inside, points, 0)], 0)
 
     def dot(self, text: str) -> float:
-        codes = self._codes(fold(text))
+        return self.dots([text])[0]
+
+    def dots(self, texts: Sequence[str]) -> list[float]:
+        """`dot` of each text (the windows of one document) in one pass: the windows are joined by
+        a character outside the alphabet, which no counted n-gram can span, and each n-gram is
+        tagged with its window. numpy's fixed costs are then paid once per document."""
+        folded = [fold(text) for text in texts]
+        grams, positions = self._grams("\0".join(folded))
+        if not len(grams):  # no text had a character of the vocabulary's alphabet
+            return [0.0] * len(texts)
+        lengths = np.fromiter((len(f) + 1 for f in folded), dtype=np.int64, count=len(folded))
+        window_of = np.repeat(np.arange(len(folded), dtype=np.int64), lengths)
+        # Count by sorting (a stable sort is the fastest for these keys), then look the distinct ones up.
+        ordered = np.sort(grams | (window_of[positions] << _WINDOW_SHIFT), kind="stable")
+        first = np.empty(len(ordered), dtype=bool)
+        first[0] = True
+        np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
+        tagged = ordered[starts]
+        counts = np.diff(starts, append=len(ordered))
+        keys = tagged & _GRAM_MASK
+        where = np.searchsorted(self._keys, keys)
+        where[where == len(self._keys)] = 0
+        hit = self._keys[where] == keys
+        where = where[hit]
+        window = tagged[hit] >> _WINDOW_SHIFT
+        tally = counts[hit]
+        tf = np.where(tally == 1, 1.0, 1.0 + np.log(tally))
+        values = tf * self._idf[where]
+        norms = np.bincount(window, weights=values * values, minlength=len(texts))
+        dots = np.bincount(window, weights=values * self._coef[where], minlength=len(texts))
+        return [float(d) / float(np.sqrt(n)) if n > 0.0 else 0.0 for d, n in zip(dots, norms, strict=True)]
+
+    def _grams(self, folded: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """The integer keys of every n-gram of `folded` whose characters are all in the alphabet,
+        and the position each starts at."""
+        codes = self._codes(folded)
         known = codes != 0
         key = codes  # the n-grams of one size, built from those of the size below
         valid = known
-        parts: list[npt.NDArray[np.int64]] = []
+        keys: list[npt.NDArray[np.int64]] = [np.empty(0, np.int64)]
+        positions: list[npt.NDArray[np.int64]] = [np.empty(0, np.int64)]
         for size in range(1, NGRAM_MAX + 1):
             stop = len(codes) - size + 1
             if stop <= 0:
@@ -66,27 +107,7 @@ class VectorizedDecision:
                 key = (key[:stop] << _BITS) | codes[size - 1 :]
                 valid = valid[:stop] & known[size - 1 :]
             if size >= NGRAM_MIN:
-                parts.append(key[valid] | (size << _LENGTH_SHIFT))
-        if not parts:
-            return 0.0
-        # Count by sorting (a stable sort is the fastest for these keys), then look the distinct ones up.
-        ordered = np.sort(np.concatenate(parts), kind="stable")
-        if not len(ordered):  # every character is outside the vocabulary's alphabet
-            return 0.0
-        first = np.empty(len(ordered), dtype=bool)
-        first[0] = True
-        np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
-        starts = np.flatnonzero(first)
-        grams = ordered[starts]
-        counts = np.diff(starts, append=len(ordered))
-        where = np.searchsorted(self._keys, grams)
-        where[where == len(self._keys)] = 0
-        hit = self._keys[where] == grams
-        where = where[hit]
-        tally = counts[hit]
-        tf = np.where(tally == 1, 1.0, 1.0 + np.log(tally))
-        values = tf * self._idf[where]
-        norm = float(np.dot(values, values))
-        if norm <= 0.0:
-            return 0.0
-        return float(np.dot(values, self._coef[where])) / float(np.sqrt(norm))
+                at = np.flatnonzero(valid)
+                keys.append(key[at] | (size << _LENGTH_SHIFT))
+                positions.append(at)
+        return np.concatenate(keys), np.concatenate(positions)
