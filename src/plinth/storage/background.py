@@ -3,18 +3,16 @@
 The batch writers run beside the event loop in the same process, and so on the same CPU cores. In a
 worker thread of normal priority a 150-row insert takes the core away from the event loop for a few
 milliseconds, which showed as the 1-connection p99 (4.1 ms against 1.1 ms with the writer stopped).
-Here the thread runs at a lower OS priority (nice +10, Linux sets it per thread): the kernel lets the
-event loop preempt it as soon as a request arrives. Under full load that share (about a tenth of a
+Here the thread runs at a lower OS priority (nice +10, Linux sets it per thread). Under full load that share (about a tenth of a
 contended core) is too little for usage records and audited decisions together, and the buffers
 grew (measured: +48 MB over 100,000 requests at 1,500 req/s). So a writer that falls behind passes
 `behind=True` and its batch runs on an ordinary-priority thread until it has caught up.
 
-Priority alone was not enough. On the kernels we measured (Linux 6.18, CONFIG_PREEMPT_NONE, 250 Hz)
-a request's wake-up does not interrupt a thread that is running Python in user space: the event
-loop waits for that thread's next system call or the next tick, up to 4 ms, whatever its nice
-value or scheduling class (`perf sched timehist` showed the event loop runnable but waiting 2.5 ms
-behind the writer). So the writers work in slices of a few rows and call `yield_to_requests()`
-between them, a system call that hands the core to a waiting request (docs/benchmarks.md). Only
+Priority alone was not enough. On the kernel we measured (Linux 6.18, EEVDF, CONFIG_PREEMPT_NONE,
+250 Hz) a request's wake-up did not preempt the writer, whatever its nice value or scheduling
+class: `perf sched timehist` showed the event loop runnable but waiting up to 2.5 ms behind it. A
+bare system call between slices did not help; an explicit `sched_yield` did. So the writers work
+in slices of a few rows and call `yield_to_requests()` between them (docs/benchmarks.md). Only
 this thread yields, and only for the first `YIELD_BUDGET_S` of each batch: under full load a request
 is always waiting, every yield gave the core away, and a batch that yielded throughout took seconds
 while holding SQLite's write lock (measured: the usage writer fell ever further behind).
@@ -83,7 +81,7 @@ def _with_yield_budget(fn: Callable[..., T], *args: object) -> T:
 
 
 def yield_to_requests() -> None:
-    """Enter the kernel so that a request that woke meanwhile gets the core (see the module docstring).
+    """Hand the core to a request that woke meanwhile (see the module docstring).
 
     `sched_yield` also releases the GIL; with nothing waiting it returns in about a microsecond.
     A no-op on any other thread than the low-priority writer, and once its batch's budget is spent."""
