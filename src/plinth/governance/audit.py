@@ -189,9 +189,9 @@ _HASHED = _COLUMNS[:-1]  # what a record's hash covers, in this order
 
 
 def _insert_rows(connection: Connection, rows: list[tuple[Any, ...]]) -> None:
-    """One DB-API executemany. Not `insert(AuditRecord)`: its per-row JSON and type processing cost
-    25-35 µs a record (measured, 1,000 decisions), which at gateway rates kept the low-priority
-    writer thread behind and let its buffer grow."""
+    """DB-API executemany in slices (`executemany_in_slices`). Not `insert(AuditRecord)`: its per-row
+    JSON and type processing cost 25-35 µs a record (measured, 1,000 decisions), which at gateway
+    rates kept the low-priority writer thread behind and let its buffer grow."""
     mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
     sql = (
         f"INSERT INTO {AuditRecord.__tablename__} ({', '.join(_COLUMNS)}) "
