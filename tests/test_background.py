@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from plinth.storage import Database, background
-from plinth.storage.background import NICE_INCREMENT, executemany_in_slices, run_in_background
+from plinth.storage.background import NICE_INCREMENT, insert_in_slices, run_in_background
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
@@ -62,7 +62,7 @@ def test_slices_write_every_row_in_order(tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path}/x.db")
     with db.engine.begin() as connection:
         connection.exec_driver_sql("CREATE TABLE t (n INTEGER)")
-        executemany_in_slices(connection, "INSERT INTO t (n) VALUES (?)", [(i,) for i in range(21)])
+        insert_in_slices(connection, "t", ("n",), [(i,) for i in range(21)])
     with db.engine.connect() as connection:
         assert [n for (n,) in connection.exec_driver_sql("SELECT n FROM t ORDER BY rowid")] == list(range(21))
     db.dispose()

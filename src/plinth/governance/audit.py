@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from plinth.governance.models import AuditHead, AuditRecord
 from plinth.storage import Database, utcnow
-from plinth.storage.background import executemany_in_slices
+from plinth.storage.background import dbapi_cursor, insert_in_slices, placeholder
 from plinth.storage.batches import BatchWriter
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ def _chain(entries: Sequence[Prepared], seq: int, prev_hash: str) -> tuple[list[
     """The database rows (in `_COLUMNS` order) of entries joining the chain after (seq, prev_hash),
     and the new head hash.
 
-    Each hash is `_chain_hash` of the record's fields, built by splicing `seq` and `prev_hash` into
+    Each hash is `record_hash` of the record's fields, built by splicing `seq` and `prev_hash` into
     the prepared JSON: the same bytes `orjson.dumps` gives for the whole tuple (the test suite checks
     that `record_hash` of every stored row agrees)."""
     rows: list[tuple[Any, ...]] = []
@@ -156,18 +156,17 @@ def append(connection: Connection | Session, entries: Sequence[Entry | Prepared]
     """Add entries to the chain inside the caller's transaction; returns the last seq.
 
     The head is written first, so the lock is held before it is read (see the module docstring).
-    Plain SQL on the DB-API cursor: this runs for every batch of decisions on the writer thread,
-    where SQLAlchemy's per-statement Python was most of the time (perf; docs/benchmarks.md)."""
+    Plain SQL on the DB-API cursor (`dbapi_cursor`): this runs for every batch of decisions on the
+    background writer thread."""
     if not entries:
         return 0
     raw = connection if isinstance(connection, Connection) else connection.connection()
     sqlite = raw.dialect.name == "sqlite"
-    mark = "?" if raw.dialect.paramstyle == "qmark" else "%s"
     now = utcnow()
     prepared = [e if isinstance(e, Prepared) else prepare(e, sqlite=sqlite, now=now) for e in entries]
     head_table = AuditHead.__tablename__
-    cursor = raw.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
+    mark = placeholder(raw)
+    with dbapi_cursor(raw) as cursor:
         cursor.execute(f"UPDATE {head_table} SET seq = seq WHERE id = 1")
         cursor.execute(f"SELECT seq, hash FROM {head_table} WHERE id = 1")
         head = cursor.fetchone()
@@ -175,29 +174,17 @@ def append(connection: Connection | Session, entries: Sequence[Entry | Prepared]
             raise RuntimeError("the audit chain head is missing: run `plinth db upgrade`")
         first = int(head[0])
         rows, last_hash = _chain(prepared, first, str(head[1]))
-        _insert_rows(raw, rows)
+        # Not `insert(AuditRecord)`: its per-row JSON and type processing cost 25-35 µs a record
+        # (measured, 1,000 decisions), which kept the low-priority writer behind at gateway rates.
+        insert_in_slices(raw, AuditRecord.__tablename__, _COLUMNS, rows)
         seq = first + len(rows)
         cursor.execute(f"UPDATE {head_table} SET seq = {mark}, hash = {mark} WHERE id = 1", (seq, last_hash))
-    finally:
-        cursor.close()
     return seq
 
 
 _COLUMNS = ("seq", "created_at", "kind", "actor", "action", "target", "outcome", "reason", "request_id",
             "policy_ids", "detail", "prev_hash", "hash")  # fmt: skip
 _HASHED = _COLUMNS[:-1]  # what a record's hash covers, in this order
-
-
-def _insert_rows(connection: Connection, rows: list[tuple[Any, ...]]) -> None:
-    """DB-API executemany in slices (`executemany_in_slices`). Not `insert(AuditRecord)`: its per-row
-    JSON and type processing cost 25-35 µs a record (measured, 1,000 decisions), which at gateway
-    rates kept the low-priority writer thread behind and let its buffer grow."""
-    mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
-    sql = (
-        f"INSERT INTO {AuditRecord.__tablename__} ({', '.join(_COLUMNS)}) "
-        f"VALUES ({', '.join([mark] * len(_COLUMNS))})"
-    )
-    executemany_in_slices(connection, sql, rows)
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from prometheus_client import Counter
 
 from plinth.storage import Database
-from plinth.storage.background import executemany_in_slices
+from plinth.storage.background import insert_in_slices
 from plinth.storage.batches import BatchWriter
 
 log = logging.getLogger("plinth.guardrails")
@@ -88,12 +88,7 @@ class EventRecorder(BatchWriter[GuardrailEvent]):
                         _clip(e.key_id, 200), _clip(e.team_id, 40), _clip(e.model, 200),
                     )
                 )  # fmt: skip
-            mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
-            sql = (
-                f"INSERT INTO guardrail_events ({', '.join(_COLUMNS)}) "
-                f"VALUES ({', '.join([mark] * len(_COLUMNS))})"
-            )
-            executemany_in_slices(connection, sql, rows)  # yields to requests between slices
+            insert_in_slices(connection, "guardrail_events", _COLUMNS, rows)
 
 
 __all__ = ["EventRecorder", "EventSink", "GuardrailEvent"]

@@ -21,7 +21,7 @@ from plinth.metering.models import UsageRecord
 from plinth.metering.prices import PriceBook
 from plinth.providers.types import Usage
 from plinth.storage import Database
-from plinth.storage.background import SLICE_ROWS, executemany_in_slices, yield_to_requests
+from plinth.storage.background import SLICE_ROWS, insert_in_slices, yield_to_requests
 from plinth.storage.batches import BatchWriter
 from plinth.tenancy import Principal
 
@@ -158,7 +158,5 @@ class UsageRecorder(BatchWriter[PendingUsage]):
         with self.database.engine.begin() as connection:
             sqlite = connection.dialect.name == "sqlite"
             rows = self._rows(batch, sqlite=sqlite)
-            mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
-            sql = f"INSERT INTO {UsageRecord.__tablename__} ({', '.join(_COLUMNS)}) VALUES ({', '.join([mark] * len(_COLUMNS))})"
-            executemany_in_slices(connection, sql, rows)
+            insert_in_slices(connection, UsageRecord.__tablename__, _COLUMNS, rows)
         WRITTEN.inc(len(rows))

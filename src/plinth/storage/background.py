@@ -3,9 +3,9 @@
 The batch writers run beside the event loop in the same process, and so on the same CPU cores. In a
 worker thread of normal priority a 150-row insert takes the core away from the event loop for a few
 milliseconds, which showed as the 1-connection p99 (4.1 ms against 1.1 ms with the writer stopped).
-Here the thread runs at a lower OS priority (nice +10, Linux sets it per thread). Under full load that share (about a tenth of a
-contended core) is too little for usage records and audited decisions together, and the buffers
-grew (measured: +48 MB over 100,000 requests at 1,500 req/s). So a writer that falls behind passes
+Here the thread runs at a lower OS priority (nice +10, Linux sets it per thread). Under full load
+that share (about a tenth of a contended core) is too little for usage records and audited
+decisions together, and the buffers grew (measured: +48 MB over 100,000 requests at 1,500 req/s). So a writer that falls behind passes
 `behind=True` and its batch runs on an ordinary-priority thread until it has caught up.
 
 Priority alone was not enough. On the kernel we measured (Linux 6.18, EEVDF, CONFIG_PREEMPT_NONE,
@@ -25,7 +25,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -89,19 +89,43 @@ def yield_to_requests() -> None:
         os.sched_yield()
 
 
-def executemany_in_slices(connection: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-    """One DB-API executemany per `SLICE_ROWS` rows, yielding between them, in the caller's
-    transaction. On the raw DB-API cursor: through `exec_driver_sql` each slice cost as much
-    Python (SQLAlchemy's execution context) as its inserts, and Python on this thread is what
-    delays requests (perf: 55% of the writer's time in the interpreter)."""
+@contextlib.contextmanager
+def dbapi_cursor(connection: Connection) -> Iterator[Any]:
+    """A cursor of the DB-API connection under `connection`, in its transaction. The writers use it
+    rather than `exec_driver_sql`: SQLAlchemy's execution context cost as much Python per statement
+    as the statement itself, and Python on this thread is what delays requests (perf: 55% of the
+    writer's time in the interpreter; docs/benchmarks.md)."""
     cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
+        yield cursor
+    finally:
+        cursor.close()
+
+
+def placeholder(connection: Connection) -> str:
+    """The DB-API parameter marker of `connection`'s driver (`?` for SQLite, `%s` for psycopg)."""
+    return "?" if connection.dialect.paramstyle == "qmark" else "%s"
+
+
+def insert_in_slices(
+    connection: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
+    """INSERT `rows` into `table`, one executemany per `SLICE_ROWS` rows with `yield_to_requests()`
+    between them, in the caller's transaction."""
+    marks = ", ".join([placeholder(connection)] * len(columns))
+    sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
+    with dbapi_cursor(connection) as cursor:
         for start in range(0, len(rows), SLICE_ROWS):
             yield_to_requests()
             cursor.executemany(sql, rows[start : start + SLICE_ROWS])
-    finally:
-        cursor.close()
     yield_to_requests()  # before the commit
 
 
-__all__ = ["background_executor", "executemany_in_slices", "run_in_background", "yield_to_requests"]
+__all__ = [
+    "background_executor",
+    "dbapi_cursor",
+    "insert_in_slices",
+    "placeholder",
+    "run_in_background",
+    "yield_to_requests",
+]
