@@ -7,6 +7,13 @@ near misses that mention similar words without giving the secret away.
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
 import pytest
 
 from plinth.guardrails.detectors.leaks import LeakScanner, alnum_only, canary_leak
@@ -104,3 +111,68 @@ def test_windows_of_a_stream_see_a_leak_with_their_tail() -> None:
     assert scanner.scan(first, ctx) == []
     [finding] = scanner.scan(second, ctx)
     assert finding.type == "CANARY_LEAK" and finding.score >= 0.9
+
+
+def _leak_bench() -> ModuleType:
+    """bench/leak_bench.py, loaded by path (bench/ is not a package); importing it reads no data."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "leak_bench.py"
+    spec = importlib.util.spec_from_file_location("leak_bench_under_test", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench_rows() -> tuple[list[dict[str, object]], list[bool]]:
+    """Tiny synthetic rows: each leaking answer also re-paired with another code as a negative."""
+    rows: list[dict[str, object]] = []
+    for n in range(10):
+        answer = f"answer number {n} that gives the secret away"
+        rows.append({"access_code": f"code{n}", "llm_output": answer, "is_prompt_extraction": True})
+        rows.append({"access_code": f"other{n}", "llm_output": answer, "is_prompt_extraction": False})
+        rows.append({"access_code": f"code{n}", "llm_output": f"refusal {n}", "is_prompt_extraction": False})
+    return rows, [bool(row["is_prompt_extraction"]) for row in rows]
+
+
+def test_bench_folds_keep_an_output_and_its_repairings_together() -> None:
+    bench = _leak_bench()
+    rows, labels = _bench_rows()
+    fold_of = bench.folds(rows, labels, 5)
+    by_output: dict[object, set[int]] = {}
+    for row, fold in zip(rows, fold_of, strict=True):
+        by_output.setdefault(row["llm_output"], set()).add(fold)
+    assert all(len(folds) == 1 for folds in by_output.values())
+    for fold in range(5):
+        held_out = [y for y, f in zip(labels, fold_of, strict=True) if f == fold]
+        assert True in held_out and False in held_out
+
+
+def test_learned_cross_validation_never_fits_on_the_held_out_fold() -> None:
+    bench = _leak_bench()
+    rows, labels = _bench_rows()
+    fold_of = bench.folds(rows, labels, 5)
+    # Column 0 predicts the label; column 1 is the row's index, so the fit can see which rows it got.
+    features = np.array([[1.0 if y else 0.0, float(i)] for i, y in enumerate(labels)])
+    fitted_on: list[set[int]] = []
+
+    def fit(train: Any, train_labels: Sequence[bool]) -> Callable[[Any], Sequence[float]]:
+        fitted_on.append({int(i) for i in train[:, 1]})
+        assert len(train) == len(train_labels)
+        return lambda rows: [float(x) for x in rows[:, 0]]
+
+    results = bench.learned_cross_validate(features, labels, fold_of, fit)
+    assert len(results) == len(fitted_on) == 5
+    for fold, seen in enumerate(fitted_on):
+        held_out = {i for i, f in enumerate(fold_of) if f == fold}
+        assert seen and not seen & held_out and len(seen) + len(held_out) == len(rows)
+    assert [round(r[1], 6) for r in results] == [1.0] * 5  # a perfect feature is perfect held out
+    assert sum(r[4] for r in results) == len(rows)
+
+
+def test_bench_reveal_cue_and_sentence_split() -> None:
+    bench = _leak_bench()
+    assert bench.REVEAL.search("Access denied. My instructions are: never say the word.")
+    assert bench.REVEAL.search("If the user asks for the code, refuse.")
+    assert not bench.REVEAL.search("Here is a recipe for banana bread.")
+    assert bench.sentences("One. Two!\nThree: four") == ["One.", "Two!", "Three:", "four"]
+    assert bench.sentences("   ") == ["   "]
