@@ -81,6 +81,10 @@ class InjectionClassifier:
         info: Mapping[str, Any] | None = None,
     ) -> None:
         self._vocab = dict(vocab)  # n-gram -> (idf, coefficient)
+        # What one occurrence of an n-gram adds to the dot product and to the squared norm, for
+        # `decision_python`: summed with `map` in C instead of a Python loop (measured 2x faster).
+        self._dot_weight = {gram: idf * coef for gram, (idf, coef) in self._vocab.items()}
+        self._norm_weight = {gram: idf * idf for gram, (idf, _coef) in self._vocab.items()}
         self._vectorized = _vectorized(self._vocab)
         self.intercept = intercept
         self.threshold = threshold
@@ -141,17 +145,16 @@ class InjectionClassifier:
         return self.decision_python(text)
 
     def decision_python(self, text: str) -> float:
-        """`decision` without numpy (not a core dependency): about 2.5 microseconds per character."""
+        """`decision` without numpy (not a core dependency): about 1.5 microseconds per character."""
         counts = ngram_counts(text)
-        vocab = self._vocab
-        dot = 0.0
-        norm = 0.0
-        for gram in counts.keys() & vocab.keys():  # set intersection runs in C
-            idf, coef = vocab[gram]
-            count = counts[gram]
-            value = idf if count == 1 else (1.0 + math.log(count)) * idf
-            norm += value * value
-            dot += value * coef
+        known = counts.keys() & self._dot_weight.keys()  # set intersection runs in C
+        dot = sum(map(self._dot_weight.__getitem__, known))  # as if every n-gram occurred once
+        norm = sum(map(self._norm_weight.__getitem__, known))
+        for gram, count in counts.items():
+            if count > 1 and gram in known:  # sublinear tf: 1 + log(count) instead of 1
+                tf = 1.0 + math.log(count)
+                dot += (tf - 1.0) * self._dot_weight[gram]
+                norm += (tf * tf - 1.0) * self._norm_weight[gram]
         return self.intercept + (dot / math.sqrt(norm) if norm > 0.0 else 0.0)
 
     def probability(self, text: str) -> float:

@@ -11,6 +11,7 @@ obfuscation), not fitted to the benchmark rows.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 _OVERRIDE = r"(?:ignore|disregard|forget|override|bypass|overlook|abandon|neglect)"
@@ -26,27 +27,53 @@ class Rule:
     id: str
     pattern: re.Pattern[str]
     why: str
-    # Substrings of which every match contains at least one (in `keyword_text` form); empty: none.
-    # A rule whose keywords are all absent is not run: on a 2 KB prompt the thirteen patterns cost
-    # 2.3 ms, the substring checks a few microseconds (measured, docs/guardrails.md).
+    # Substrings of which every match contains at least one (in `keyword_text` form, where a run
+    # of whitespace is one space); empty: none. A rule whose keywords are all absent is not run: on
+    # a 2 KB prompt the thirteen patterns cost 2.3 ms, the substring checks a few microseconds
+    # (measured, docs/guardrails.md).
     needs: tuple[str, ...] = ()
+    # For a rule no keyword can gate: a cheap test of `cleaned` that every text it matches passes.
+    gate: Callable[[str], bool] | None = None
 
     def search(self, cleaned: str, keywords: str) -> re.Match[str] | None:
         """The first match in `cleaned`; `keywords` is `keyword_text(cleaned)`."""
-        if self.needs and not any(word in keywords for word in self.needs):
+        if self.needs and not any(map(keywords.__contains__, self.needs)):
+            return None
+        if self.gate is not None and not self.gate(cleaned):
             return None
         return self.pattern.search(cleaned)
 
 
 def keyword_text(cleaned: str) -> str:
-    """`cleaned` as the keyword checks see it: case folded, and dotless i made i (the one character
-    left after NFKC that the patterns' IGNORECASE matches to an ASCII letter it does not fold to;
-    tests/test_guardrails_detectors.py checks every code point)."""
-    return cleaned.casefold().replace("\u0131", "i")
+    """`cleaned` as the keyword checks see it: case folded, runs of whitespace made one space, and
+    dotless i made i (the one character left after NFKC that the patterns' IGNORECASE matches to an
+    ASCII letter it does not fold to; tests/test_guardrails_injection_speed.py checks every code point)."""
+    return " ".join(cleaned.casefold().replace("\u0131", "i").split())
 
 
-def _rule(rule_id: str, pattern: str, why: str, needs: tuple[str, ...] = ()) -> Rule:
-    return Rule(rule_id, re.compile(pattern, re.IGNORECASE | re.MULTILINE), why, needs)
+def _letters_spaced_out(cleaned: str) -> bool:
+    """Whether `cleaned` has seven one-character words in a row: the letters inside a match of
+    `spaced_letters` each stand between two single whitespace characters. The pattern itself tries
+    every position of the text (160 microseconds on 2 KB, measured); this is a tenth of that."""
+    run = 0
+    for word in cleaned.split():
+        if len(word) == 1:
+            run += 1
+            if run == 7:
+                return True
+        else:
+            run = 0
+    return False
+
+
+def _rule(
+    rule_id: str,
+    pattern: str,
+    why: str,
+    needs: tuple[str, ...] = (),
+    gate: Callable[[str], bool] | None = None,
+) -> Rule:
+    return Rule(rule_id, re.compile(pattern, re.IGNORECASE | re.MULTILINE), why, needs, gate)
 
 
 RULES: tuple[Rule, ...] = (
@@ -68,7 +95,7 @@ RULES: tuple[Rule, ...] = (
         r"\b(?:focus|concentrate)\s+(?:only\s+)?on\s+(?:your|the|a|this)\s+new\s+(?:task|assignment|instructions?)"
         r"|\bnew\s+(?:task|instructions?|assignment)\s*:",
         "replaces the task with the attacker's",
-        ("new",),
+        ("new task", "new instruction", "new assignment"),
     ),
     _rule(
         "reveal_prompt",
@@ -115,6 +142,7 @@ RULES: tuple[Rule, ...] = (
         "spaced_letters",
         r"(?:\b[^\W\d_]\s){8,}[^\W\d_]\b",
         "spells words out letter by letter to slip past filters",
+        gate=_letters_spaced_out,
     ),
     _rule(
         "de_ignore",
@@ -145,7 +173,7 @@ RULES: tuple[Rule, ...] = (
         r"\b(?:du\s+bist\s+(?:jetzt|nun|ab\s+sofort|ab\s+jetzt)|stell\s+dir\s+vor,?\s+du\s+bist|tu\s+so,?\s+als"
         r"|ab\s+(?:jetzt|sofort)\s+(?:bist|wirst)\s+du|abweichend\s+(?:zu|von)\s+(?:den\s+)?(?:vorherigen|bisherigen))\b",
         "German: persona switch or override",
-        ("du", "tu", "abweichend"),
+        ("du bist", "bist du", "wirst du", "tu so", "abweichend"),
     ),
     _rule(
         "other_ignore",
