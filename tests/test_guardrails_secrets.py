@@ -81,7 +81,7 @@ def test_the_run_length_gate_never_hides_a_match() -> None:
     """Rules are skipped when the text has no run of token characters as long as any match of the
     rule holds; on every example here the gated scanner finds exactly what the ungated one does."""
     ungated = SecretsScanner()
-    ungated._patterns = tuple(dataclasses.replace(p, min_run=0) for p in ungated._patterns)
+    ungated._patterns = tuple(dataclasses.replace(p, min_run=0, needs=()) for p in ungated._patterns)
     texts = [
         "AKIA" + "J7QW3RTY5UIO2PLM",
         "aws_secret_access_key = " + ("wJalrXUtnFEMI/K7MDENG/bPxRfiCY" + "EXAMPLEKEY"),
@@ -104,7 +104,11 @@ def test_the_run_length_gate_never_hides_a_match() -> None:
         "abc1Q~" + "a" * 31,
         "?sv=1&sig=" + "a" * 40,
         "Authorization: Bearer " + "aZ3x" * 5,
+        "BASIC " + "dXNlcjpwYXNzd29yZDEyMzQ1Ng==",
+        "rk_" + "live_" + "4eC39HqLyjWDarjt",
         'token: "9fA0c3Lq8ZpW"',
+        "api_key => " + "9fA0c3Lq8ZpW",
+        "naïve café token=" + "9fA0c3Lq8ZpW",
         "-----BEGIN PRIVATE KEY-----",
         "pwd=abc;",
         "x://u:pw1@h",
@@ -117,3 +121,19 @@ def test_the_run_length_gate_never_hides_a_match() -> None:
         found += bool(gated)
     assert found >= len(texts) - 2  # the shortest match of nearly every rule is among them
     assert longest_run("Say hello in five words.") == 6  # "words."
+
+
+def test_longest_run_is_exact_on_ascii_and_never_short_otherwise() -> None:
+    import random
+
+    from plinth.guardrails.secrets import _RUN
+
+    rng = random.Random(9)
+    alphabet = [chr(c) for c in range(128)] + list("éß€中\u00a0\u2003😀")
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        exact = max(map(len, _RUN.findall(text)), default=0)
+        if text.isascii():
+            assert longest_run(text) == exact, text
+        else:
+            assert longest_run(text) >= exact, text

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from plinth.guardrails.pii.patterns import ordered, resolve_overlaps, run_patterns
+from plinth.guardrails.pii.patterns import digit_runs, ordered, resolve_overlaps, run_patterns
 from plinth.guardrails.pii.structured import PATTERNS
 from plinth.guardrails.types import Finding, ScanContext
 
@@ -51,7 +51,8 @@ class PiiScanner:
         self._named = bool(named - exclude)
 
     def scan(self, text: str, ctx: ScanContext) -> list[Finding]:
-        found = run_patterns(self._patterns, text, self.name, is_ordered=True)
+        runs = digit_runs(text)
+        found = run_patterns(self._patterns, text, self.name, is_ordered=True, runs=runs)
         if self._named:
             if self._ner is not None:
                 found.extend(
@@ -59,7 +60,7 @@ class PiiScanner:
                     for t, s, e, sc in self._ner(text)
                 )
             elif self._rules:
-                found.extend(self._rule_scan(text, self.name))
+                found.extend(self._rule_scan(text, self.name, runs))
         if self._keep is not None:
             entities, exclude = self._keep
             found = [f for f in found if (entities is None or f.type in entities) and f.type not in exclude]

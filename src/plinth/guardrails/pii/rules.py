@@ -18,6 +18,7 @@ an NER backend (`guardrails.ner`) where that matters.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import regex as rx
 
@@ -31,6 +32,7 @@ from plinth.guardrails.pii.gazetteer import (
     STREET_SUFFIXES,
     STREET_TYPES,
 )
+from plinth.guardrails.pii.patterns import digit_runs
 from plinth.guardrails.types import Finding
 
 CONFIDENTIAL = "confidential"
@@ -119,7 +121,6 @@ _PREFIX_NAME = rx.compile(rf"\p{{L}}+\.?[ \t]+(?:{_LINK}[ \t]+)*{_CAP}(?:[ \t]+{
 # Hauptstraße 5, Mellemvej 32, Koskikatu 25
 _SUFFIX_AT = rx.compile(r"[\p{L}\p{M}'\u2019\-]+\.?[ \t]+\d{1,5}[A-Za-z]?\b")
 _DIGIT = re.compile(r"\d")
-_NUMBERS = re.compile(r"\d+")
 _TOKEN = re.compile(r"\S+")
 _ZIP_CUE = re.compile(r"\b(?:zip|zip code|postal code|postcode|post code|plz|cap|cp)\b\s*(?:is|:)?\s*$", re.I)
 _ZIP = re.compile(
@@ -136,9 +137,10 @@ def _norm(token: str) -> str:
     return token.lower().rstrip(".")
 
 
-def scan(text: str, scanner: str) -> list[Finding]:
+def scan(text: str, scanner: str, runs: Sequence[tuple[int, int]] | None = None) -> list[Finding]:
+    """Names, places, organizations, addresses and ages; `runs` is `digit_runs(text)` if known."""
     out: list[Finding] = []
-    windows = _digit_windows(text, 60)
+    windows = _digit_windows(text, digit_runs(text) if runs is None else runs, 60)
     if windows:
         _addresses(text, windows, scanner, out)
     _runs(text, scanner, out)
@@ -156,11 +158,11 @@ def scan(text: str, scanner: str) -> list[Finding]:
     return out
 
 
-def _digit_windows(text: str, margin: int = 40) -> list[tuple[int, int]]:
+def _digit_windows(text: str, runs: Sequence[tuple[int, int]], margin: int = 40) -> list[tuple[int, int]]:
     """Merged spans of `margin` characters around each number (ages and addresses live there)."""
     spans: list[tuple[int, int]] = []
-    for d in _NUMBERS.finditer(text):
-        lo, hi = max(0, d.start() - margin), min(len(text), d.end() + margin)
+    for start, end in runs:
+        lo, hi = max(0, start - margin), min(len(text), end + margin)
         if spans and lo <= spans[-1][1]:
             spans[-1] = (spans[-1][0], hi)
         else:
