@@ -24,6 +24,7 @@ import gzip
 import json
 import math
 import threading
+from itertools import repeat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -81,10 +82,10 @@ class InjectionClassifier:
         info: Mapping[str, Any] | None = None,
     ) -> None:
         self._vocab = dict(vocab)  # n-gram -> (idf, coefficient)
-        # What one occurrence of an n-gram adds to the dot product and to the squared norm, for
-        # `decision_python`: summed with `map` in C instead of a Python loop (measured 2x faster).
-        self._dot_weight = {gram: idf * coef for gram, (idf, coef) in self._vocab.items()}
-        self._norm_weight = {gram: idf * idf for gram, (idf, _coef) in self._vocab.items()}
+        # What one occurrence of an n-gram adds to the dot product (real part) and to the squared
+        # norm (imaginary part), for `decision_python`: one `sum` of complex numbers over `map`
+        # runs in C, where a Python loop over the n-grams cost twice as much (measured).
+        self._weight = {gram: complex(idf * coef, idf * idf) for gram, (idf, coef) in self._vocab.items()}
         self._vectorized = _vectorized(self._vocab)
         self.intercept = intercept
         self.threshold = threshold
@@ -147,14 +148,14 @@ class InjectionClassifier:
     def decision_python(self, text: str) -> float:
         """`decision` without numpy (not a core dependency): about 1.5 microseconds per character."""
         counts = ngram_counts(text)
-        known = counts.keys() & self._dot_weight.keys()  # set intersection runs in C
-        dot = sum(map(self._dot_weight.__getitem__, known))  # as if every n-gram occurred once
-        norm = sum(map(self._norm_weight.__getitem__, known))
+        weight = self._weight
+        total = sum(map(weight.get, counts, repeat(0j)))  # as if every n-gram occurred once
         for gram, count in counts.items():
-            if count > 1 and gram in known:  # sublinear tf: 1 + log(count) instead of 1
+            if count > 1 and gram in weight:  # sublinear tf: 1 + log(count) instead of 1
                 tf = 1.0 + math.log(count)
-                dot += (tf - 1.0) * self._dot_weight[gram]
-                norm += (tf * tf - 1.0) * self._norm_weight[gram]
+                w = weight[gram]
+                total += complex((tf - 1.0) * w.real, (tf * tf - 1.0) * w.imag)
+        dot, norm = total.real, total.imag
         return self.intercept + (dot / math.sqrt(norm) if norm > 0.0 else 0.0)
 
     def probability(self, text: str) -> float:
