@@ -24,10 +24,10 @@ import gzip
 import json
 import math
 import threading
-from itertools import repeat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from plinth.guardrails.detectors import options as opt
