@@ -81,7 +81,12 @@ class InjectionClassifier:
         threshold_sensitive: float,
         info: Mapping[str, Any] | None = None,
     ) -> None:
-        self._vocab = dict(vocab)  # n-gram -> (idf, coefficient)
+        # n-gram -> (idf, coefficient). The most frequent n-grams (lowest idf) first, each with a
+        # fresh key object: the entries, keys and weights of the n-grams nearly every text has then
+        # sit together in memory, which matters when a scan starts with cold CPU caches, as in the
+        # gateway (measured: 114 -> 90 microseconds of lookups for a one-line prompt).
+        by_frequency = sorted(vocab.items(), key=lambda item: item[1][0])
+        self._vocab = {gram.encode().decode(): value for gram, value in by_frequency}
         # What one occurrence of an n-gram adds to the dot product (real part) and to the squared
         # norm (imaginary part), for `decision_python`: one `sum` of complex numbers over `map`
         # runs in C, where a Python loop over the n-grams cost twice as much (measured).
