@@ -102,10 +102,10 @@ def test_worst_window_matches_reference(model: InjectionClassifier, texts: list[
 
 def test_too_many_characters_falls_back_to_python() -> None:
     pytest.importorskip("numpy")
-    from plinth.guardrails.detectors.injection_vectorized import AlphabetTooLarge, VectorizedDecision
+    from plinth.guardrails.detectors.injection_vectorized import VectorizedDecision, VocabularyDoesNotFit
 
     vocab = {chr(0x100 + i) * 2: (1.0 + i / 100, (-1) ** i * 0.3) for i in range(200)}
-    with pytest.raises(AlphabetTooLarge):
+    with pytest.raises(VocabularyDoesNotFit):
         VectorizedDecision(vocab)
     small = InjectionClassifier(vocab, 0.1, 0.5, 0.4)
     assert not small.vectorized

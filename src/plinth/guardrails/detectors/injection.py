@@ -50,12 +50,12 @@ INDIRECT_SOURCES = frozenset({Source.TOOL, Source.RETRIEVED})
 def _vectorized(vocab: Mapping[str, tuple[float, float]]) -> VectorizedDecision | None:
     """The numpy scorer where numpy is installed (it comes with the `local` extra), else None."""
     try:
-        from plinth.guardrails.detectors.injection_vectorized import AlphabetTooLarge, VectorizedDecision
+        from plinth.guardrails.detectors.injection_vectorized import VectorizedDecision, VocabularyDoesNotFit
     except ImportError:
         return None
     try:
         return VectorizedDecision(vocab)
-    except AlphabetTooLarge:
+    except VocabularyDoesNotFit:
         return None
 
 
@@ -156,9 +156,9 @@ class InjectionClassifier:
         weight = self._weight
         total = sum(map(weight.get, counts, repeat(0j)))  # as if every n-gram occurred once
         for gram, count in counts.items():
-            if count > 1 and gram in weight:  # sublinear tf: 1 + log(count) instead of 1
+            w = weight.get(gram) if count > 1 else None
+            if w is not None:  # sublinear tf: 1 + log(count) instead of 1
                 tf = 1.0 + math.log(count)
-                w = weight[gram]
                 total += complex((tf - 1.0) * w.real, (tf * tf - 1.0) * w.imag)
         dot, norm = total.real, total.imag
         return self.intercept + (dot / math.sqrt(norm) if norm > 0.0 else 0.0)

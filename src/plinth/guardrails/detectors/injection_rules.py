@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from plinth.guardrails.detectors.text import fold
+
 _OVERRIDE = r"(?:ignore|disregard|forget|override|bypass|overlook|abandon|neglect)"
 _QUALIFIER = r"(?:(?:all|any|every|each|the|your|my|these|those|of|previous|prior|above|earlier|preceding|foregoing|initial|original|system|former|old|given|current)\s+)+"
 _ORDERS = r"(?:instructions?|directions?|directives?|rules?|prompts?|context|orders?|tasks?|assignments?|guidelines?|commands?|constraints?|restrictions?|programming|guardrails?|polic(?:y|ies)|documents?)"
@@ -45,16 +47,16 @@ class Rule:
 
 
 def keyword_text(cleaned: str) -> str:
-    """`cleaned` as the keyword checks see it: case folded, runs of whitespace made one space, and
-    dotless i made i (the one character left after NFKC that the patterns' IGNORECASE matches to an
+    """`cleaned` as the keyword checks see it: folded as the classifier sees text (case folded, runs
+    of whitespace made one space), and dotless i made i (the one character left after NFKC that the patterns' IGNORECASE matches to an
     ASCII letter it does not fold to; tests/test_guardrails_injection_speed.py checks every code point)."""
-    return " ".join(cleaned.casefold().replace("\u0131", "i").split())
+    return fold(cleaned).replace("\u0131", "i")
 
 
 def _letters_spaced_out(cleaned: str) -> bool:
     """Whether `cleaned` has seven one-character words in a row: the letters inside a match of
     `spaced_letters` each stand between two single whitespace characters. The pattern itself tries
-    every position of the text (160 microseconds on 2 KB, measured); this is a tenth of that."""
+    every position of the text (160 microseconds on 2 KB, measured); this takes a quarter of that."""
     run = 0
     for word in cleaned.split():
         if len(word) == 1:

@@ -27,7 +27,7 @@ _TF = np.concatenate(([0.0], 1.0 + np.log(np.arange(1, 4096, dtype=np.float64)))
 _POSITIONS = np.arange(8192, dtype=np.int64)  # n-gram start positions, sliced rather than made anew
 
 
-class AlphabetTooLarge(ValueError):
+class VocabularyDoesNotFit(ValueError):
     """The vocabulary does not fit the integer coding: more distinct characters than an n-gram key
     can hold, NUL in an n-gram, or more n-grams than the packed hash table can index."""
 
@@ -38,9 +38,9 @@ class VectorizedDecision:
     def __init__(self, vocab: Mapping[str, tuple[float, float]]) -> None:
         alphabet = sorted(set("".join(vocab)))
         if len(alphabet) >= 1 << _BITS:
-            raise AlphabetTooLarge(f"{len(alphabet)} distinct characters in the injection vocabulary")
+            raise VocabularyDoesNotFit(f"{len(alphabet)} distinct characters in the injection vocabulary")
         if "\0" in alphabet:  # `dots` joins windows with it
-            raise AlphabetTooLarge("the injection vocabulary has NUL in an n-gram")
+            raise VocabularyDoesNotFit("the injection vocabulary has NUL in an n-gram")
         self._table = np.zeros(max(map(ord, alphabet), default=0) + 1, dtype=np.int64)
         for index, ch in enumerate(alphabet, start=1):
             self._table[ord(ch)] = index
@@ -67,7 +67,7 @@ class VectorizedDecision:
         self._shift = np.uint64(64 - bits)
         self._index_bits = max(1, (len(keys) - 1).bit_length())
         if _LENGTH_SHIFT + 3 + self._index_bits > 63:
-            raise AlphabetTooLarge(f"{len(keys)} n-grams are too many for the packed hash table")
+            raise VocabularyDoesNotFit(f"{len(keys)} n-grams are too many for the packed hash table")
         self._slots = np.full(1 << bits, _EMPTY, dtype=np.int64)
         home = self._home(keys)
         homes, first = np.unique(home, return_index=True)
