@@ -89,6 +89,34 @@ def test_decision_batches_larger_than_a_slice_are_written_whole(db: Database) ->
     assert [r["request_id"] for r in audit.records_after(db, 0, 100)] == [f"r{i}" for i in range(21)]
 
 
+def test_a_memoised_decision_is_serialised_once_but_recorded_per_request(db: Database) -> None:
+    """`record_decision` reuses the serialised decision; the time, the request id and whatever
+    differs between callers (region, entity types, principal) must still be each record's own."""
+    log = audit.AuditLog(db)
+    decision = Governance(parse_config({}), None).decide(
+        Principal(name="x"), "invoke", "m", ["m-1"], Level.PUBLIC
+    )
+    alice, bob = Principal(name="alice", team_id="t-a"), Principal(name="bob", team_id="t-b")
+    log.record_decision("r1", alice, decision, entity_types=["EMAIL_ADDRESS"])
+    log.record_decision("r2", alice, decision)
+    log.record_decision("r3", bob, decision, caller_region="eu-west-1")
+    log.record_decision("r4", alice, decision, entity_types=["EMAIL_ADDRESS"])
+    log.write_batch(list(log._buffer))
+    assert log.verify().ok
+    records = audit.records_after(db, 0, 10)
+    assert [r["request_id"] for r in records] == ["r1", "r2", "r3", "r4"]
+    assert [r["actor"] for r in records] == ["alice", "alice", "bob", "alice"]
+    assert [r["detail"].get("entity_types") for r in records] == [
+        ["EMAIL_ADDRESS"],
+        None,
+        None,
+        ["EMAIL_ADDRESS"],
+    ]
+    assert [r["detail"]["team"] for r in records] == ["t-a", "t-a", "t-b", "t-a"]
+    assert records[2]["detail"]["caller_region"] == "eu-west-1"
+    assert records[0]["created_at"] <= records[3]["created_at"] and len(log._templates) == 3
+
+
 def _sqlite_path(db: Database) -> str:
     assert db.is_sqlite and db.url.database
     return db.url.database
