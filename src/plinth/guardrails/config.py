@@ -167,6 +167,9 @@ class GuardrailsConfig(_Strict):
     canaries: list[SecretStr] = Field(default_factory=list)
     # Append a random canary to each request's system prompt (requests with one), checked on output.
     plant_canary: bool = False
+    # Texts whose findings are kept for the conversation history clients resend every turn (an
+    # LRU by digest, no values kept: plinth.guardrails.verdicts); 0 scans the history every time.
+    history_cache: Annotated[int, Field(ge=0, le=1_000_000)] = 4096
 
     @field_validator("pseudonym_key")
     @classmethod

@@ -34,6 +34,7 @@ from plinth.guardrails.profiles import (
 from plinth.guardrails.pseudonym import Pseudonymizer, random_key
 from plinth.guardrails.registry import Registry, UnknownScanner, default_registry
 from plinth.guardrails.types import ACTION_RANK, Action, Finding, ScanContext, Scanner, Source, Stage
+from plinth.guardrails.verdicts import VerdictCache, cacheable
 from plinth.providers.types import ChatRequest, ChatResponse, Message, TextPart
 from plinth.tenancy import Principal
 
@@ -185,10 +186,12 @@ class Guard:
             canaries=self.canaries,
         )
 
-    def hits(self, text: str, plan: StagePlan, ctx: ScanContext, where: str) -> list[Hit]:
+    def hits(
+        self, text: str, plan: StagePlan, ctx: ScanContext, where: str, *, reuse: bool = False
+    ) -> list[Hit]:
         """What the profile acts on in `text`. Every finding, whatever its action, is also passed on
         to session risk, so multi-turn attacks accumulate across all scanners."""
-        found = self.findings(text, plan, ctx, where)
+        found = self.findings(text, plan, ctx, where, reuse=reuse)
         self.observe(text, plan, ctx, found)
         return self.judge(found, plan, where)
 
@@ -197,24 +200,51 @@ class Guard:
         if plan.observer is not None and found:
             plan.observer.observe(text, ctx, found)  # a queue put: scored off the hot path
 
-    def findings(self, text: str, plan: StagePlan, ctx: ScanContext, where: str) -> list[Finding]:
-        """Every scanner's findings in `text`; a scanner that fails fails the request (closed)."""
-        found: list[Finding] = []
-        for scanner in plan.scanners:
-            try:
-                found.extend(scanner.scan(text, ctx))
-            except Exception:
-                # Fail closed: an unscanned text must not pass. Logged without the text.
-                log.exception(
-                    "guardrail scanner %s failed on %s of request %s", scanner.name, where, self.request_id
-                )
-                raise GatewayError(
-                    500,
-                    f"Guardrail scanner '{scanner.name}' failed; the request was not processed. "
-                    f"Quote request id {self.request_id} to the operator.",
-                    code="guardrail_error",
-                ) from None
+    def findings(
+        self, text: str, plan: StagePlan, ctx: ScanContext, where: str, *, reuse: bool = False
+    ) -> list[Finding]:
+        """Every scanner's findings in `text`, in the plan's order. With `reuse` (conversation
+        history, retrieved passages) the cacheable scanners' findings may come from an earlier scan
+        of the same text (`plinth.guardrails.verdicts`); every text's are kept for later turns."""
+        cache = self.engine.verdicts
+        mask = self.engine.cacheable_mask(plan) if cache is not None else None
+        if cache is None or mask is None:
+            found: list[Finding] = []
+            for scanner in plan.scanners:
+                found.extend(self._scan(scanner, text, ctx, where))
+            return found
+        key = cache.key(id(plan), ctx, text)
+        cached = iter(cache.get(key) or ()) if reuse else None
+        kept: list[list[Finding]] = []  # the cacheable scanners' findings, scanned now
+        found = []
+        for scanner, is_cacheable in zip(plan.scanners, mask, strict=True):
+            earlier = next(cached, None) if is_cacheable and cached is not None else None
+            if earlier is not None:
+                found.extend(earlier)
+                continue
+            part = self._scan(scanner, text, ctx, where)
+            if is_cacheable:
+                kept.append(part)
+            found.extend(part)
+        if kept:
+            cache.put(key, kept)
         return found
+
+    def _scan(self, scanner: Scanner, text: str, ctx: ScanContext, where: str) -> list[Finding]:
+        """One scanner's findings; a scanner that fails fails the request (closed)."""
+        try:
+            return scanner.scan(text, ctx)
+        except Exception:
+            # Fail closed: an unscanned text must not pass. Logged without the text.
+            log.exception(
+                "guardrail scanner %s failed on %s of request %s", scanner.name, where, self.request_id
+            )
+            raise GatewayError(
+                500,
+                f"Guardrail scanner '{scanner.name}' failed; the request was not processed. "
+                f"Quote request id {self.request_id} to the operator.",
+                code="guardrail_error",
+            ) from None
 
     def judge(self, found: Sequence[Finding], plan: StagePlan, where: str) -> list[Hit]:
         """The findings above `min_score` that the profile does something with, and that action."""
@@ -228,11 +258,13 @@ class Guard:
                 out.append(Hit(f, action, where))
         return out
 
-    def scan_text(self, text: str, stage: Stage, source: Source, where: str) -> tuple[str, list[Hit]]:
+    def scan_text(
+        self, text: str, stage: Stage, source: Source, where: str, *, reuse: bool = False
+    ) -> tuple[str, list[Hit]]:
         """Scan one text; returns it rewritten (masks, pseudonyms) and what was found. Blocks are
         returned, not raised: the caller decides (an input error, or a withheld answer)."""
         plan = self.profile.input if stage is Stage.INPUT else self.profile.output
-        hits = self.hits(text, plan, self.context(stage, source), where)
+        hits = self.hits(text, plan, self.context(stage, source), where, reuse=reuse)
         if not hits:
             return text, hits
         (self.input if stage is Stage.INPUT else self.output).hits.extend(hits)
@@ -247,11 +279,12 @@ class Guard:
         """Scan the messages the profile covers; rewrite them in place; raise when one is blocked."""
         sources = self.profile.input.sources
         self.system_prompt = "\n".join(m.text() for m in chat.messages if m.role == "system") or None
+        newest = len(chat.messages) - 1
         try:
             for i, message in enumerate(chat.messages):
                 source = _SOURCES[message.role]
                 if source in sources:
-                    self._check_message(message, source, f"messages[{i}]")
+                    self._check_message(message, source, f"messages[{i}]", reuse=i < newest)
         finally:
             self.engine.record(self, self.input.hits, Stage.INPUT)
         if self.engine.config.plant_canary:
@@ -272,15 +305,18 @@ class Guard:
             system.content.append(TextPart(note.lstrip()))
         self.canaries = (*self.canaries, canary)
 
-    def _check_message(self, message: Message, source: Source, where: str) -> None:
+    def _check_message(self, message: Message, source: Source, where: str, *, reuse: bool) -> None:
+        """`reuse`: the message is history (not the request's newest): see `findings`."""
         for part in message.content:
             if isinstance(part, TextPart) and part.text:
-                part.text, hits = self.scan_text(part.text, Stage.INPUT, source, f"{where}.content")
+                part.text, hits = self.scan_text(
+                    part.text, Stage.INPUT, source, f"{where}.content", reuse=reuse
+                )
                 self._raise_if_blocked(hits)
         for j, call in enumerate(message.tool_calls):
             if call.arguments:
                 call.arguments, hits = self.scan_text(
-                    call.arguments, Stage.INPUT, source, f"{where}.tool_calls[{j}].arguments"
+                    call.arguments, Stage.INPUT, source, f"{where}.tool_calls[{j}].arguments", reuse=reuse
                 )
                 self._raise_if_blocked(hits)
 
@@ -296,7 +332,7 @@ class Guard:
         acted: list[Hit] = []
         try:
             for where, text in passages:
-                hits = self.judge(self.findings(text, plan, ctx, where), plan, where)
+                hits = self.judge(self.findings(text, plan, ctx, where, reuse=True), plan, where)
                 acted.extend(hits)
                 if any(h.action is Action.BLOCK for h in hits):
                     out.append(None)
@@ -384,6 +420,8 @@ class Guardrails:
         names = {config.default_profile} | {rule.profile for rule in config.select} | set(config.profiles)
         self.profiles: dict[str, Profile] = {n: self._build(n) for n in sorted(x for x in names if x)}
         self._selected: dict[tuple[Any, ...], Profile | None] = {}
+        self.verdicts = VerdictCache(config.history_cache) if config.history_cache > 0 else None
+        self._cacheable: dict[int, tuple[bool, ...] | None] = {}
 
     @classmethod
     def from_config(cls, config: GuardrailsConfig, events: EventSink | None = None) -> Guardrails | None:
@@ -408,6 +446,15 @@ class Guardrails:
 
                 self._ner = load_backend(self.config.ner)
             return self._ner
+
+    def cacheable_mask(self, plan: StagePlan) -> tuple[bool, ...] | None:
+        """Which of the plan's scanners may have their findings reused (None: none of them)."""
+        try:
+            return self._cacheable[id(plan)]
+        except KeyError:
+            mask = tuple(cacheable(s) for s in plan.scanners)
+            found = self._cacheable[id(plan)] = mask if any(mask) else None
+            return found
 
     def profile(self, name: str) -> Profile:
         found = self.profiles.get(name)

@@ -176,6 +176,7 @@ class SecretsScanner:
     """Finds credentials; thread-safe (compiled patterns only)."""
 
     name = "secrets"
+    cacheable = True  # findings depend on the text alone (plinth.guardrails.verdicts)
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         opts = dict(options or {})

@@ -217,6 +217,7 @@ class InjectionScanner:
     """Scanner `injection`: classifier and rules on user input and on retrieved or tool content."""
 
     name = "injection"
+    cacheable = True  # findings depend on the text and its source (plinth.guardrails.verdicts)
     finding_type = "PROMPT_INJECTION"
 
     def __init__(

@@ -78,6 +78,7 @@ class DeniedTopicsScanner:
     """Scanner `topics`: flags text whose meaning is close to a denied topic."""
 
     name = "topics"
+    cacheable = True  # findings depend on the text alone (plinth.guardrails.verdicts)
     finding_type = "DENIED_TOPIC"
 
     def __init__(self, topics: list[Topic], max_segments: int = MAX_SEGMENTS) -> None:

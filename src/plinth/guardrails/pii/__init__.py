@@ -26,6 +26,7 @@ class PiiScanner:
     when no NER backend is configured; default true), `min_score`."""
 
     name = "pii"
+    cacheable = True  # findings depend on the text alone, NER included (plinth.guardrails.verdicts)
 
     def __init__(self, options: dict[str, Any] | None = None, *, ner: NerBackend | None = None) -> None:
         opts = dict(options or {})
