@@ -14,7 +14,7 @@ from plinth.gateway.errors import GatewayError
 from plinth.guardrails.config import GuardrailsConfig
 from plinth.guardrails.engine import Guardrails
 from plinth.guardrails.registry import Registry, ScannerFactory, default_registry
-from plinth.guardrails.types import Finding, ScanContext
+from plinth.guardrails.types import Finding, ScanContext, Source, Stage
 from plinth.providers.types import ChatRequest, Message, TextPart
 
 EMAIL = "maria.keller@example.org"
@@ -168,3 +168,15 @@ def test_the_cache_is_bounded_and_keeps_no_text() -> None:
 def test_history_cache_setting_is_checked(bad: int) -> None:
     with pytest.raises(ValueError, match="history_cache"):
         GuardrailsConfig.model_validate({"history_cache": bad})
+
+
+def test_answers_are_not_kept_at_the_output_stage() -> None:
+    """An answer returns as input-stage history (another stage plan): output verdicts would only
+    crowd the history out of the cache."""
+    g = Guardrails(GuardrailsConfig(default_profile="standard"))
+    chat = ChatRequest(model="m", messages=[Message("user", [TextPart("hello")])])
+    guard = g.check_input(chat, None, "m", "req", "sess")
+    assert guard is not None and g.verdicts is not None and len(g.verdicts) == 1
+    for i in range(5):
+        guard.scan_text(f"answer window {i}", Stage.OUTPUT, Source.ASSISTANT, "choices[0]")
+    assert len(g.verdicts) == 1

@@ -206,7 +206,8 @@ class Guard:
         """Every scanner's findings in `text`, in the plan's order. With `reuse` (conversation
         history, retrieved passages) the cacheable scanners' findings may come from an earlier scan
         of the same text (`plinth.guardrails.verdicts`); every text's are kept for later turns."""
-        cache = self.engine.verdicts
+        # Answers (output stage) come back as input-stage history: only input verdicts are kept.
+        cache = self.engine.verdicts if ctx.stage is Stage.INPUT else None
         mask = self.engine.cacheable_mask(plan) if cache is not None else None
         if cache is None or mask is None:
             found: list[Finding] = []
