@@ -58,25 +58,31 @@ def turn(g: Guardrails, *texts: str, roles: tuple[str, ...] | None = None) -> Ch
 def test_history_is_not_scanned_again_by_cacheable_scanners() -> None:
     cached, always = Counting("cached", cacheable=True), Counting("always", cacheable=False)
     g = engine_with(cached, always)
-    turn(g, "first question")
-    turn(g, "first question", "first answer", "second question")
+    turn(g, "first question")  # one-shot so far: scanned, not kept
+    turn(g, "first question", "first answer", "second question")  # a conversation: all kept
     turn(g, "first question", "first answer", "second question", "second answer", "third question")
-    # Each text once for the cacheable scanner: the history came from earlier scans.
+    turn(g, "first question", "first answer", "second question", "second answer", "third question")
+    # The cacheable scanner saw each text once after turn 2 (the newest message of each turn again).
     assert cached.scanned == [
-        "first question", "first answer", "second question", "second answer", "third question",
+        "first question",
+        "first question", "first answer", "second question",
+        "second answer", "third question",
+        "third question",
     ]  # fmt: skip
     # The other scanner saw every message of every request.
-    assert len(always.scanned) == 1 + 3 + 5
-    assert g.verdicts is not None and g.verdicts.hits == 4  # q1 in turns 2 and 3; a1, q2 in turn 3
+    assert len(always.scanned) == 1 + 3 + 5 + 5
+    assert g.verdicts is not None and g.verdicts.hits == 3 + 4
 
 
-def test_the_newest_message_is_always_scanned() -> None:
-    """A repeated prompt is scanned each time: a benchmark must measure the scan, not the cache."""
+def test_the_newest_message_is_always_scanned_and_one_shot_requests_are_not_kept() -> None:
+    """A repeated prompt is scanned each time: a benchmark must measure the scan, not the cache.
+    A request with one message is not a conversation: nothing of it is kept."""
     cached = Counting("cached", cacheable=True)
     g = engine_with(cached)
     for _ in range(3):
         turn(g, "the same prompt")
     assert cached.scanned == ["the same prompt"] * 3
+    assert g.verdicts is not None and len(g.verdicts) == 0
 
 
 def test_reused_findings_act_exactly_like_fresh_ones() -> None:
@@ -157,7 +163,7 @@ def test_the_cache_is_bounded_and_keeps_no_text() -> None:
     g = engine_with(cached, history_cache=3)
     assert g.verdicts is not None and g.verdicts.max_entries == 3
     for i in range(10):
-        turn(g, f"a secret number {i}")
+        turn(g, f"a secret number {i}", "noted", "and the next one?")
     assert len(g.verdicts) == 3
     keys = list(g.verdicts._entries)
     assert all(isinstance(k[3], bytes) and len(k[3]) == 16 for k in keys)  # digests, not texts
@@ -174,9 +180,13 @@ def test_answers_are_not_kept_at_the_output_stage() -> None:
     """An answer returns as input-stage history (another stage plan): output verdicts would only
     crowd the history out of the cache."""
     g = Guardrails(GuardrailsConfig(default_profile="standard"))
-    chat = ChatRequest(model="m", messages=[Message("user", [TextPart("hello")])])
+    chat = ChatRequest(model="m", messages=[
+        Message("user", [TextPart("hello")]),
+        Message("assistant", [TextPart("hi")]),
+        Message("user", [TextPart("how are you?")]),
+    ])  # fmt: skip
     guard = g.check_input(chat, None, "m", "req", "sess")
-    assert guard is not None and g.verdicts is not None and len(g.verdicts) == 1
+    assert guard is not None and g.verdicts is not None and len(g.verdicts) == 3
     for i in range(5):
         guard.scan_text(f"answer window {i}", Stage.OUTPUT, Source.ASSISTANT, "choices[0]")
-    assert len(g.verdicts) == 1
+    assert len(g.verdicts) == 3

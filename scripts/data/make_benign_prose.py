@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "injection_benign_prose.jsonl"
-ROWS = 50  # 100 or more (or 300 at a lower sample weight) cost deepset recall (docs/guardrails.md)
+ROWS = 150  # with the chat follow-ups; 50 before them, when 100 cost deepset recall (docs/guardrails.md)
 
 
 def paragraphs() -> list[str]:

@@ -34,7 +34,7 @@ from plinth.guardrails.profiles import (
 from plinth.guardrails.pseudonym import Pseudonymizer, random_key
 from plinth.guardrails.registry import Registry, UnknownScanner, default_registry
 from plinth.guardrails.types import ACTION_RANK, Action, Finding, ScanContext, Scanner, Source, Stage
-from plinth.guardrails.verdicts import VerdictCache, cacheable
+from plinth.guardrails.verdicts import VerdictCache, VerdictUse, cacheable
 from plinth.providers.types import ChatRequest, ChatResponse, Message, TextPart
 from plinth.tenancy import Principal
 
@@ -187,11 +187,11 @@ class Guard:
         )
 
     def hits(
-        self, text: str, plan: StagePlan, ctx: ScanContext, where: str, *, reuse: bool = False
+        self, text: str, plan: StagePlan, ctx: ScanContext, where: str, use: VerdictUse = VerdictUse.OFF
     ) -> list[Hit]:
         """What the profile acts on in `text`. Every finding, whatever its action, is also passed on
         to session risk, so multi-turn attacks accumulate across all scanners."""
-        found = self.findings(text, plan, ctx, where, reuse=reuse)
+        found = self.findings(text, plan, ctx, where, use)
         self.observe(text, plan, ctx, found)
         return self.judge(found, plan, where)
 
@@ -201,13 +201,11 @@ class Guard:
             plan.observer.observe(text, ctx, found)  # a queue put: scored off the hot path
 
     def findings(
-        self, text: str, plan: StagePlan, ctx: ScanContext, where: str, *, reuse: bool = False
+        self, text: str, plan: StagePlan, ctx: ScanContext, where: str, use: VerdictUse = VerdictUse.OFF
     ) -> list[Finding]:
-        """Every scanner's findings in `text`, in the plan's order. With `reuse` (conversation
-        history, retrieved passages) the cacheable scanners' findings may come from an earlier scan
-        of the same text (`plinth.guardrails.verdicts`); every text's are kept for later turns."""
-        # Answers (output stage) come back as input-stage history: only input verdicts are kept.
-        cache = self.engine.verdicts if ctx.stage is Stage.INPUT else None
+        """Every scanner's findings in `text`, in the plan's order. `use` says whether the history
+        cache keeps them or may supply the cacheable scanners' share (`plinth.guardrails.verdicts`)."""
+        cache = self.engine.verdicts if use is not VerdictUse.OFF else None
         mask = self.engine.cacheable_mask(plan) if cache is not None else None
         if cache is None or mask is None:
             found: list[Finding] = []
@@ -215,20 +213,21 @@ class Guard:
                 found.extend(self._scan(scanner, text, ctx, where))
             return found
         key = cache.key(id(plan), ctx, text)
-        cached = iter(cache.get(key) or ()) if reuse else None
-        kept: list[list[Finding]] = []  # the cacheable scanners' findings, scanned now
+        earlier = cache.get(key) if use is VerdictUse.REUSE else None
+        if earlier is not None:
+            supplied = iter(earlier)
+            found = []
+            for scanner, is_cacheable in zip(plan.scanners, mask, strict=True):
+                found.extend(next(supplied) if is_cacheable else self._scan(scanner, text, ctx, where))
+            return found
+        kept: list[list[Finding]] = []  # the cacheable scanners' findings, for later turns
         found = []
         for scanner, is_cacheable in zip(plan.scanners, mask, strict=True):
-            earlier = next(cached, None) if is_cacheable and cached is not None else None
-            if earlier is not None:
-                found.extend(earlier)
-                continue
             part = self._scan(scanner, text, ctx, where)
             if is_cacheable:
                 kept.append(part)
             found.extend(part)
-        if kept:
-            cache.put(key, kept)
+        cache.put(key, kept)
         return found
 
     def _scan(self, scanner: Scanner, text: str, ctx: ScanContext, where: str) -> list[Finding]:
@@ -260,12 +259,12 @@ class Guard:
         return out
 
     def scan_text(
-        self, text: str, stage: Stage, source: Source, where: str, *, reuse: bool = False
+        self, text: str, stage: Stage, source: Source, where: str, use: VerdictUse = VerdictUse.OFF
     ) -> tuple[str, list[Hit]]:
         """Scan one text; returns it rewritten (masks, pseudonyms) and what was found. Blocks are
         returned, not raised: the caller decides (an input error, or a withheld answer)."""
         plan = self.profile.input if stage is Stage.INPUT else self.profile.output
-        hits = self.hits(text, plan, self.context(stage, source), where, reuse=reuse)
+        hits = self.hits(text, plan, self.context(stage, source), where, use)
         if not hits:
             return text, hits
         (self.input if stage is Stage.INPUT else self.output).hits.extend(hits)
@@ -280,12 +279,15 @@ class Guard:
         """Scan the messages the profile covers; rewrite them in place; raise when one is blocked."""
         sources = self.profile.input.sources
         self.system_prompt = "\n".join(m.text() for m in chat.messages if m.role == "system") or None
-        newest = len(chat.messages) - 1
+        scanned = [i for i, message in enumerate(chat.messages) if _SOURCES[message.role] in sources]
+        # History may come from earlier turns' scans; the newest message is always scanned, and kept
+        # for the next turns only in a conversation (a one-shot request is never resent).
+        newest = VerdictUse.KEEP if len(scanned) > 1 else VerdictUse.OFF
         try:
-            for i, message in enumerate(chat.messages):
-                source = _SOURCES[message.role]
-                if source in sources:
-                    self._check_message(message, source, f"messages[{i}]", reuse=i < newest)
+            for i in scanned:
+                message = chat.messages[i]
+                use = newest if i == scanned[-1] else VerdictUse.REUSE
+                self._check_message(message, _SOURCES[message.role], f"messages[{i}]", use)
         finally:
             self.engine.record(self, self.input.hits, Stage.INPUT)
         if self.engine.config.plant_canary:
@@ -306,18 +308,15 @@ class Guard:
             system.content.append(TextPart(note.lstrip()))
         self.canaries = (*self.canaries, canary)
 
-    def _check_message(self, message: Message, source: Source, where: str, *, reuse: bool) -> None:
-        """`reuse`: the message is history (not the request's newest): see `findings`."""
+    def _check_message(self, message: Message, source: Source, where: str, use: VerdictUse) -> None:
         for part in message.content:
             if isinstance(part, TextPart) and part.text:
-                part.text, hits = self.scan_text(
-                    part.text, Stage.INPUT, source, f"{where}.content", reuse=reuse
-                )
+                part.text, hits = self.scan_text(part.text, Stage.INPUT, source, f"{where}.content", use)
                 self._raise_if_blocked(hits)
         for j, call in enumerate(message.tool_calls):
             if call.arguments:
                 call.arguments, hits = self.scan_text(
-                    call.arguments, Stage.INPUT, source, f"{where}.tool_calls[{j}].arguments", reuse=reuse
+                    call.arguments, Stage.INPUT, source, f"{where}.tool_calls[{j}].arguments", use
                 )
                 self._raise_if_blocked(hits)
 
@@ -333,7 +332,7 @@ class Guard:
         acted: list[Hit] = []
         try:
             for where, text in passages:
-                hits = self.judge(self.findings(text, plan, ctx, where, reuse=True), plan, where)
+                hits = self.judge(self.findings(text, plan, ctx, where, VerdictUse.REUSE), plan, where)
                 acted.extend(hits)
                 if any(h.action is Action.BLOCK for h in hits):
                     out.append(None)

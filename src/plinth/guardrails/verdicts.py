@@ -12,9 +12,10 @@ What is reused, and what is not:
   others run on every text every time: session risk (its state changes), the hot-reloaded
   kill-switch and identifier rules (an operator's new rule applies to the history at once), output
   checks that read the system prompt, and third-party scanners unless they opt in.
-- The newest message of a request is always scanned (and its findings kept for the turns after
-  it). In real traffic it is new text, and a benchmark that repeats one prompt must measure the
-  scan, not this cache.
+- The newest message of a request is always scanned. In real traffic it is new text, and a
+  benchmark that repeats one prompt must measure the scan, not this cache. Its findings are kept
+  for the next turns when the request is a conversation (more than one message scanned): a one-shot
+  request is never resent, and keeping it would cost time and crowd conversations out.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from enum import Enum
 
 from plinth.guardrails.types import Finding, ScanContext, Scanner
 
@@ -30,6 +32,14 @@ DEFAULT_ENTRIES = 4096
 
 CachedFindings = tuple[tuple[Finding, ...], ...]  # per cacheable scanner, in the plan's order
 Key = tuple[int, str, str, bytes]
+
+
+class VerdictUse(Enum):
+    """How one scan uses the cache."""
+
+    OFF = "off"  # a one-shot request's text: scanned, not kept
+    KEEP = "keep"  # the newest message of a conversation: scanned, kept for the next turns
+    REUSE = "reuse"  # history and retrieved passages: an earlier verdict if kept, else scanned and kept
 
 
 def cacheable(scanner: Scanner) -> bool:
@@ -74,4 +84,4 @@ class VerdictCache:
         return len(self._entries)
 
 
-__all__ = ["DEFAULT_ENTRIES", "VerdictCache", "cacheable"]
+__all__ = ["DEFAULT_ENTRIES", "VerdictCache", "VerdictUse", "cacheable"]
