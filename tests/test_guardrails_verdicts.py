@@ -74,6 +74,20 @@ def test_history_is_not_scanned_again_by_cacheable_scanners() -> None:
     assert g.verdicts is not None and g.verdicts.hits == 3 + 4
 
 
+def test_lookups_are_counted_for_prometheus() -> None:
+    from prometheus_client import REGISTRY
+
+    def count(result: str) -> float:
+        value = REGISTRY.get_sample_value("plinth_guardrail_history_lookups_total", {"result": result})
+        return value or 0.0
+
+    hits, misses = count("hit"), count("miss")
+    g = engine_with(Counting("cached", cacheable=True))
+    turn(g, "one", "two", "three")  # one and two looked up: misses
+    turn(g, "one", "two", "three", "four", "five")  # one, two, three: hits; four: miss
+    assert (count("hit") - hits, count("miss") - misses) == (3, 3)
+
+
 def test_the_newest_message_is_always_scanned_and_one_shot_requests_are_not_kept() -> None:
     """A repeated prompt is scanned each time: a benchmark must measure the scan, not the cache.
     A request with one message is not a conversation: nothing of it is kept."""

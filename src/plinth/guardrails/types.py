@@ -66,7 +66,11 @@ class ScanContext:
 
 
 class Scanner(Protocol):
-    """A detector. `scan` is synchronous, CPU-only and thread-safe (one instance serves all requests)."""
+    """A detector. `scan` is synchronous, CPU-only and thread-safe (one instance serves all requests).
+
+    Optional: a class attribute `cacheable = True` says the findings depend on nothing but the text,
+    the stage and the source, so the findings for conversation history may be reused
+    (`plinth.guardrails.verdicts`)."""
 
     name: str
 

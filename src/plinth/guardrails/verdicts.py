@@ -26,9 +26,17 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from enum import Enum
 
+from prometheus_client import Counter
+
 from plinth.guardrails.types import Finding, ScanContext, Scanner
 
 DEFAULT_ENTRIES = 4096
+LOOKUPS = Counter(
+    "plinth_guardrail_history_lookups",
+    "Conversation-history texts looked up in the guardrails' verdict cache, by result (hit or miss).",
+    ["result"],
+)
+_HIT, _MISS = LOOKUPS.labels("hit"), LOOKUPS.labels("miss")
 
 CachedFindings = tuple[tuple[Finding, ...], ...]  # per cacheable scanner, in the plan's order
 Key = tuple[int, str, str, bytes]
@@ -67,10 +75,11 @@ class VerdictCache:
             found = self._entries.get(key)
             if found is None:
                 self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return found
+            else:
+                self._entries.move_to_end(key)
+                self.hits += 1
+        (_MISS if found is None else _HIT).inc()
+        return found
 
     def put(self, key: Key, findings: Sequence[Sequence[Finding]]) -> None:
         value = tuple(tuple(f) for f in findings)
