@@ -176,7 +176,10 @@ def main() -> int:
         extra_y += more_y
     x = np.array(texts, dtype=object)
     y = np.array(labels)
-    rules = np.array([RULE_SCORE if rule_matches(t) else 0.0 for t in texts])
+    # Rules that block alone (a weak rule, such as role play, only adds to session risk).
+    rules = np.array(
+        [RULE_SCORE if any(r.score >= MIN_SCORE for r, _, _ in rule_matches(t)) else 0.0 for t in texts]
+    )
 
     pooled: dict[str, list[float]] = {"classifier": [], "rules": [], "combined": []}
     pooled_y: list[int] = []
@@ -250,9 +253,9 @@ def main() -> int:
         f"p95 {per_text[int(len(per_text) * 0.95)]:.2f} ms, max {per_text[-1]:.2f} ms; "
         f"a 20,000-char document: {long_ms:.1f} ms"
     )
-    flagged = [t for t in BUSINESS if shipped.score(t) >= shipped.threshold]
+    flagged = [t for t in BUSINESS if blocks(shipped, t)]
     print(f"business texts (held out): {len(flagged)} of {len(BUSINESS)} flagged (false positives)")
-    flagged = [t for t in EVERYDAY if shipped.score(t) >= shipped.threshold]
+    flagged = [t for t in EVERYDAY if blocks(shipped, t)]
     print(
         f"everyday chat prompts (held out): {len(flagged)} of {len(EVERYDAY)} flagged (false positives): "
         + "; ".join(repr(t) for t in flagged)
@@ -260,6 +263,16 @@ def main() -> int:
     long_documents(shipped)
     print(json.dumps({"bench": "injection", "rows": len(texts), "repeats": args.repeats}))
     return 0
+
+
+MIN_SCORE = 0.5  # the built-in profiles' `min_score`: findings below it are not acted on
+
+
+def blocks(scanner: Any, text: str) -> bool:
+    """Whether the `standard` profile blocks `text` as user input for this scanner's findings."""
+    from plinth.guardrails.types import ScanContext, Stage
+
+    return any(f.score >= MIN_SCORE for f in scanner.scan(text, ScanContext(Stage.INPUT)))
 
 
 def long_documents(scanner: Any, count: int = 1000) -> None:
@@ -278,8 +291,8 @@ def long_documents(scanner: Any, count: int = 1000) -> None:
         t[: len(t) // 2] + " " + PAYLOADS[i % len(PAYLOADS)] + " " + t[len(t) // 2 :]
         for i, t in enumerate(texts)
     ]
-    flagged = sum(bool(scanner.score(t) >= scanner.threshold) for t in texts)
-    caught = sum(bool(scanner.score(t) >= scanner.threshold) for t in planted)
+    flagged = sum(blocks(scanner, t) for t in texts)
+    caught = sum(blocks(scanner, t) for t in planted)
     median = sorted(len(t) for t in texts)[len(texts) // 2]
     print(
         f"long documents ({len(texts)} SciFact abstracts, median {median} chars): flagged {flagged / len(texts):.3f} "

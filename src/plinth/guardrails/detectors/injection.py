@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from plinth.guardrails.detectors import options as opt
 from plinth.guardrails.detectors.injection_features import ngram_counts
-from plinth.guardrails.detectors.injection_rules import RULES, Rule, keyword_text
+from plinth.guardrails.detectors.injection_rules import RULES, STRONG, Rule, keyword_text
 from plinth.guardrails.detectors.text import clean, span_in_original, windows
 from plinth.guardrails.types import Finding, ScanContext, Source
 
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 MODEL_RESOURCE = "injection_model.json.gz"
 MODEL_FORMAT = 1
-RULE_SCORE = 0.95  # rules are precise; a rule match is reported with this confidence
+RULE_SCORE = STRONG  # a rule naming an attack is reported with this confidence (weak ones: `Rule.score`)
 WINDOW_CHARS = 500
 WINDOW_OVERLAP = 150
 INDIRECT_SOURCES = frozenset({Source.TOOL, Source.RETRIEVED})
@@ -262,14 +262,14 @@ class InjectionScanner:
         return self.threshold
 
     def score(self, text: str) -> float:
-        """0..1: how much `text` looks like an injection (a rule match counts as RULE_SCORE).
+        """0..1: how much `text` looks like an injection (a rule match counts as its `score`).
 
         Reported to the session-risk scorer even when below the blocking threshold: a run of
         borderline turns is what a multi-turn attack looks like.
         """
         best = self.model.worst_window(text).probability if self.model else 0.0
-        if self.use_rules and best < RULE_SCORE and rule_matches(text):
-            best = RULE_SCORE
+        if self.use_rules and best < RULE_SCORE:
+            best = max([best, *(rule.score for rule, _, _ in rule_matches(text))])
         return best
 
     def scan(self, text: str, ctx: ScanContext) -> list[Finding]:
@@ -279,7 +279,7 @@ class InjectionScanner:
         if self.use_rules:
             for rule, start, end in rule_matches(text):
                 findings.append(
-                    Finding(self.finding_type, start, end, RULE_SCORE, self.name, f"injection.rule.{rule.id}")
+                    Finding(self.finding_type, start, end, rule.score, self.name, f"injection.rule.{rule.id}")
                 )
         if self.model is not None:
             window = self.model.worst_window(text)

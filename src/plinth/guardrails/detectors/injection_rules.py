@@ -24,11 +24,19 @@ _DE_ORDERS = (
 )
 
 
+STRONG = 0.95  # a rule that names an attack: reported with this confidence
+# A phrasing that attacks use but ordinary requests use too ("pretend you are a customer"): reported
+# below the profiles' default `min_score` (0.5), so it blocks nothing alone but still adds to the
+# session's risk, where a run of such turns counts.
+WEAK = 0.45
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     id: str
     pattern: re.Pattern[str]
     why: str
+    score: float  # STRONG or WEAK
     # Substrings of which every match contains at least one (in `keyword_text` form, where a run
     # of whitespace is one space); empty: none. A rule whose keywords are all absent is not run: on
     # a 2 KB prompt the thirteen patterns cost 2.3 ms, the substring checks a few microseconds
@@ -74,8 +82,9 @@ def _rule(
     why: str,
     needs: tuple[str, ...] = (),
     gate: Callable[[str], bool] | None = None,
+    score: float = STRONG,
 ) -> Rule:
-    return Rule(rule_id, re.compile(pattern, re.IGNORECASE | re.MULTILINE), why, needs, gate)
+    return Rule(rule_id, re.compile(pattern, re.IGNORECASE | re.MULTILINE), why, score, needs, gate)
 
 
 RULES: tuple[Rule, ...] = (
@@ -110,10 +119,17 @@ RULES: tuple[Rule, ...] = (
     ),
     _rule(
         "persona_switch",
-        r"\b(?:you\s+are\s+now|from\s+now\s+on,?\s+you(?:\s+are|'re|\s+will)|pretend\s+(?:that\s+)?(?:you\s+are|to\s+be)"
-        r"|act\s+as\s+if\s+you|you\s+will\s+now\s+act\s+as|roleplay\s+as|stay\s+in\s+(?:your\s+)?(?:role|character))\b",
+        r"\b(?:you\s+are\s+now|you\s+will\s+now\s+act\s+as)\b",
         "switches the assistant to another persona",
+        ("you are now", "you will now"),
+    ),
+    _rule(
+        "role_play",
+        r"\b(?:from\s+now\s+on,?\s+you(?:\s+are|'re|\s+will)|pretend\s+(?:that\s+)?(?:you\s+are|to\s+be)"
+        r"|act\s+as\s+if\s+you|roleplay\s+as|stay\s+in\s+(?:your\s+)?(?:role|character))\b",
+        "asks the assistant to play a role (weak alone: role play is also an ordinary request)",
         ("you", "pretend", "roleplay", "stay"),
+        score=WEAK,
     ),
     _rule(
         "jailbreak_terms",
