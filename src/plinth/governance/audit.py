@@ -150,7 +150,7 @@ class Template:
         gives for the whole tuple (JSON arrays join their items with a bare comma)."""
         if created.tzinfo is not None:
             created = created.replace(tzinfo=None)
-        iso = created.isoformat(timespec="microseconds")
+        iso = _iso(created)
         request_id = _clip(request_id, "request_id")
         hashed = b'"%b",%b,%b,%b' % (iso.encode(), self.middle, orjson.dumps(request_id), self.tail)
         # SQLite: SQLAlchemy's own DateTime text format (its type processing costs more than this).

@@ -32,7 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 from plinth.guardrails.detectors import options as opt
 from plinth.guardrails.detectors.injection_features import ngram_counts
-from plinth.guardrails.detectors.injection_rules import RULES, STRONG, Rule, keyword_text, needed
+from plinth.guardrails.detectors.injection_rules import (
+    RULE_KEYWORDS,
+    RULES,
+    STRONG,
+    Rule,
+    keyword_text,
+    keywords_of,
+)
 from plinth.guardrails.detectors.text import clean, span_in_original, windows
 from plinth.guardrails.types import Finding, ScanContext, Source
 
@@ -194,12 +201,13 @@ def rule_matches(text: str, rules: tuple[Rule, ...] = RULES) -> list[tuple[Rule,
     """Every rule that matches, with the span of its first match in `text`."""
     cleaned = clean(text)
     keywords = keyword_text(cleaned)
-    present = {need for need in needed(rules) if need in keywords}
+    candidates = RULE_KEYWORDS if rules is RULES else keywords_of(rules)
+    present = {need for need in candidates if need in keywords}
     found: list[tuple[Rule, int, int]] = []
     for rule in rules:
         if rule.needs and present.isdisjoint(rule.needs):
             continue
-        match = rule.search_gated(cleaned)
+        match = rule.search(cleaned)
         if match is not None:
             start, end = span_in_original(text, cleaned, match.start(), match.end())
             found.append((rule, start, end))

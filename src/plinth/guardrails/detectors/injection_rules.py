@@ -45,40 +45,25 @@ class Rule:
     # For a rule no keyword can gate: a cheap test of `cleaned` that every text it matches passes.
     gate: Callable[[str], bool] | None = None
 
-    def search(self, cleaned: str, keywords: str) -> re.Match[str] | None:
-        """The first match in `cleaned`; `keywords` is `keyword_text(cleaned)`."""
-        if self.needs and not any(map(keywords.__contains__, self.needs)):
-            return None
-        return self.search_gated(cleaned)
-
-    def search_gated(self, cleaned: str) -> re.Match[str] | None:
-        """`search` once one of `needs` is known to be present (see `needed`)."""
+    def search(self, cleaned: str) -> re.Match[str] | None:
+        """The first match in `cleaned`, once one of `needs` is known to be in its `keyword_text`
+        (`rule_matches` checks every rule's keywords in one pass: see `keywords_of`)."""
         if self.gate is not None and not self.gate(cleaned):
             return None
         return self.pattern.search(cleaned)
 
 
-_NEEDED: dict[int, tuple[tuple[Rule, ...], tuple[str, ...]]] = {}
-
-
-def needed(rules: tuple[Rule, ...]) -> tuple[str, ...]:
+def keywords_of(rules: tuple[Rule, ...]) -> tuple[str, ...]:
     """Every keyword of `rules`, once: `rule_matches` looks each up once per text rather than once
-    per rule (a one-line prompt: 18 -> 10 µs, measured), then runs only the rules with one present.
-    Kept by the tuple's identity (hashing the rules would cost more than the lookups save); the
-    entry holds the tuple, so its id stays its own."""
-    hit = _NEEDED.get(id(rules))
-    if hit is None:
-        keywords = tuple(dict.fromkeys(need for rule in rules for need in rule.needs))
-        if len(_NEEDED) >= 64:
-            _NEEDED.clear()
-        hit = _NEEDED[id(rules)] = (rules, keywords)
-    return hit[1]
+    per rule (a one-line prompt: 18 -> 10 µs, measured), then runs only the rules with one present."""
+    return tuple(dict.fromkeys(need for rule in rules for need in rule.needs))
 
 
 def keyword_text(cleaned: str) -> str:
     """`cleaned` as the keyword checks see it: folded as the classifier sees text (case folded, runs
-    of whitespace made one space), and dotless i made i (the one character left after NFKC that the patterns' IGNORECASE matches to an
-    ASCII letter it does not fold to; tests/test_guardrails_injection_speed.py checks every code point)."""
+    of whitespace made one space), and dotless i made i (the one character left after NFKC that the
+    patterns' IGNORECASE matches to an ASCII letter it does not fold to;
+    tests/test_guardrails_injection_speed.py checks every code point)."""
     return fold(cleaned).replace("\u0131", "i")
 
 
@@ -222,3 +207,4 @@ RULES: tuple[Rule, ...] = (
         ("oubli", "ignorez", "olvid", "ignora", "zaboravi"),
     ),
 )
+RULE_KEYWORDS = keywords_of(RULES)
