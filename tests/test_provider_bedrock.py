@@ -714,13 +714,15 @@ async def test_stream_closed_early_releases_connection(upstream: BedrockUpstream
 
 
 async def test_stream_closed_before_iterating_releases_connection(upstream: BedrockUpstream) -> None:
-    client = HttpClient(limit=1)  # one connection: a leaked response would block the next request
+    client = HttpClient()
     try:
         prov = provider(upstream, client)
-        # A 5-second stream: unless aclose releases it, the only connection stays busy until it ends.
+        # A 5-second stream: unless aclose releases it, its response stays open until it ends.
         upstream.queue(StreamResponse(text_stream(["a"] * 100), delay_s=0.05))
         stream = await prov.stream_chat(chat_request(user("hi")), MODEL)
+        assert client.open_responses() == 1
         await stream.aclose()
+        assert client.open_responses() == 0
         response = await asyncio.wait_for(prov.chat(chat_request(user("hi")), MODEL), timeout=2)
         assert response.choices[0].message.text() == upstream.default_text
     finally:

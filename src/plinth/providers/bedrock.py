@@ -55,10 +55,8 @@ from plinth.providers.types import (
 )
 
 if TYPE_CHECKING:
-    import aiohttp
-
     from plinth.config.schema import DeploymentConfig
-    from plinth.providers.http import HttpClient
+    from plinth.providers.http import HttpClient, UpstreamStream
 
 JSON = dict[str, Any]
 
@@ -602,11 +600,11 @@ class _StreamTranslator:
         return [finish, UsageEvent(usage)]
 
 
-async def iter_event_stream(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, JSON]]:
+async def iter_event_stream(resp: UpstreamStream) -> AsyncIterator[tuple[str, JSON]]:
     """Yield (event type, payload) per frame; exception frames and transport faults raise."""
     buffer = EventStreamBuffer()
     try:
-        async for chunk in resp.content.iter_any():
+        async for chunk in resp.iter_chunks():
             buffer.add_data(chunk)
             for frame in buffer:
                 yield _decode_frame(frame.headers, frame.payload)
@@ -648,7 +646,7 @@ def _loads_object(payload: bytes) -> JSON:
 
 
 async def _stream_events(
-    resp: aiohttp.ClientResponse, translator: _StreamTranslator
+    resp: UpstreamStream, translator: _StreamTranslator
 ) -> AsyncGenerator[StreamEvent, None]:
     async for event_type, data in iter_event_stream(resp):
         for event in translator.handle(event_type, data):
@@ -661,7 +659,7 @@ class _Events:
     """The stream's iterator. Closing it releases the response even if it was never iterated
     (an async generator that has not started skips its `finally` on aclose)."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, translator: _StreamTranslator) -> None:
+    def __init__(self, resp: UpstreamStream, translator: _StreamTranslator) -> None:
         self._resp = resp
         self._events = _stream_events(resp, translator)
 
@@ -694,7 +692,7 @@ def _header_tokens(response: UpstreamResponse) -> int | None:
 
 
 def _host_header(endpoint: str) -> str:
-    """The Host header aiohttp would send; passing it also halves botocore's signing time."""
+    """The Host header the HTTP client would send; passing it also halves botocore's signing time."""
     url = URL(endpoint)
     host = url.raw_host or ""
     if ":" in host:  # IPv6 literal

@@ -33,11 +33,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 
 from plinth.providers.base import ChatStream, Provider, ProviderError, classify_status
-from plinth.providers.http import UpstreamResponse, iter_sse
+from plinth.providers.http import UpstreamResponse, UpstreamStream, iter_sse
 from plinth.providers.tokens import estimate_prompt_tokens, estimate_text_tokens
 from plinth.providers.types import (
     ChatChoice,
@@ -475,7 +474,7 @@ class _StreamState:
         yield UsageEvent(usage)
 
 
-async def _events(resp: aiohttp.ClientResponse, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+async def _events(resp: UpstreamStream, request: ChatRequest) -> AsyncIterator[StreamEvent]:
     state = _StreamState(request)
     async for _event, data in iter_sse(resp):
         if data.strip() == b"[DONE]":

@@ -1,7 +1,9 @@
-"""The HTTP client every provider shares: one aiohttp session per process, with errors classified.
+"""The HTTP client every provider shares: one connection pool per process, with errors classified.
 
-aiohttp rather than httpx: on this hot path httpx's async stack costs several hundred microseconds
-more per request (measured in bench/, see docs/benchmarks.md), which is most of our latency budget.
+The wire work is in `plinth.providers.http1` (a lean HTTP/1.1 client: aiohttp's cost about 250
+microseconds more per upstream call, measured; httpx's more still). This module is what providers
+see: `post` for a whole answer, `open_stream` for a streamed one, SSE parsing, and the mapping of
+HTTP errors and transport faults to `ProviderError`.
 """
 
 from __future__ import annotations
@@ -11,11 +13,22 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 from yarl import URL
 
+from plinth.providers import http1
 from plinth.providers.base import ProviderError, classify_status
+from plinth.providers.http1 import Response as UpstreamStream
+
+__all__ = [
+    "HttpClient",
+    "UpstreamResponse",
+    "UpstreamStream",
+    "error_message_from_body",
+    "iter_sse",
+    "raise_for_upstream_status",
+    "transport_error",
+]
 
 
 @dataclass(slots=True)
@@ -79,26 +92,17 @@ def raise_for_upstream_status(status: int, headers: Mapping[str, str], body: byt
 
 
 class HttpClient:
-    """Owns the aiohttp session. Created lazily inside the running event loop."""
+    """Owns the upstream connection pool (one per worker process, shared by every provider)."""
 
-    def __init__(self, *, limit: int = 0) -> None:
-        self._session: aiohttp.ClientSession | None = None
-        self._limit = limit
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._limit, ttl_dns_cache=300, keepalive_timeout=30)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                json_serialize=lambda o: orjson.dumps(o).decode(),
-                auto_decompress=True,
-                skip_auto_headers=("User-Agent",),
-            )
-        return self._session
+    def __init__(self, *, keepalive_s: float = http1.KEEPALIVE_S) -> None:
+        self._pool = http1.Pool(keepalive_s=keepalive_s)
 
     async def aclose(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
+        self._pool.close()
+
+    def open_responses(self) -> int:
+        """Upstream responses sent and not yet released (read in full, or abandoned and closed)."""
+        return self._pool.open_responses
 
     async def post(
         self,
@@ -110,16 +114,16 @@ class HttpClient:
         connect_timeout_s: float,
     ) -> UpstreamResponse:
         """POST and read the whole answer. Raises ProviderError for HTTP errors and transport faults."""
-        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         try:
-            async with self.session().post(url, data=body, headers=headers, timeout=timeout) as resp:
+            async with asyncio.timeout(timeout_s):
+                resp = await http1.send(
+                    self._pool, url, body, headers, connect_timeout_s=connect_timeout_s, read_timeout_s=None
+                )
                 data = await resp.read()
-                raise_for_upstream_status(resp.status, resp.headers, data)
-                return UpstreamResponse(resp.status, resp.headers, data)
-        except ProviderError:
-            raise
         except Exception as exc:
             raise transport_error(exc) from None
+        raise_for_upstream_status(resp.status, resp.headers, data)
+        return UpstreamResponse(resp.status, resp.headers, data)
 
     async def open_stream(
         self,
@@ -129,11 +133,19 @@ class HttpClient:
         *,
         connect_timeout_s: float,
         read_timeout_s: float,
-    ) -> aiohttp.ClientResponse:
-        """POST and return the response once its headers arrive; the caller reads and releases it."""
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
+    ) -> UpstreamStream:
+        """POST and return the response once its headers arrive; the caller reads and releases it.
+
+        `read_timeout_s` bounds each wait for the next bytes, not the whole stream."""
         try:
-            resp = await self.session().post(url, data=body, headers=headers, timeout=timeout)
+            resp = await http1.send(
+                self._pool,
+                url,
+                body,
+                headers,
+                connect_timeout_s=connect_timeout_s,
+                read_timeout_s=read_timeout_s,
+            )
         except Exception as exc:
             raise transport_error(exc) from None
         if resp.status >= 400:
@@ -148,28 +160,28 @@ class HttpClient:
 
 
 def transport_error(exc: BaseException) -> ProviderError:
-    """Classify a transport-level exception; all of them are retryable."""
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+    """Classify a transport-level exception; all but a bad URL are retryable."""
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, TimeoutError | http1.ReadTimeout):
         return ProviderError("upstream timed out", status=504, retryable=True, kind="timeout")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return ProviderError(
-            f"cannot connect to upstream {exc.host}:{exc.port}", retryable=True, kind="connect_error"
-        )
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | ConnectionError):
+    if isinstance(exc, http1.ConnectFailed):
+        return ProviderError(str(exc), retryable=True, kind="connect_error")
+    if isinstance(exc, http1.MalformedResponse):
+        return ProviderError(str(exc), retryable=True, kind="bad_upstream_response")
+    if isinstance(exc, http1.ConnectionLost | ConnectionError):
         return ProviderError("upstream closed the connection", retryable=True, kind="connection_lost")
-    if isinstance(exc, aiohttp.ClientError):
-        return ProviderError(
-            f"upstream request failed: {type(exc).__name__}", retryable=True, kind="connection_lost"
-        )
+    if isinstance(exc, ValueError):  # a URL or header the configuration got wrong
+        return ProviderError(f"cannot send the upstream request: {exc}", kind="upstream_error")
     return ProviderError(f"upstream request failed: {type(exc).__name__}", kind="upstream_error")
 
 
-async def iter_sse(resp: aiohttp.ClientResponse) -> AsyncGenerator[tuple[str, bytes], None]:
+async def iter_sse(resp: UpstreamStream) -> AsyncGenerator[tuple[str, bytes], None]:
     """Yield (event, data) pairs from a Server-Sent Events body; transport faults become ProviderError."""
     event = ""
     data: list[bytes] = []
     try:
-        async for raw in resp.content:
+        async for raw in resp.iter_lines():
             line = raw.rstrip(b"\r\n")
             if not line:
                 if data:

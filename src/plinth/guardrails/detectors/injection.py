@@ -163,10 +163,11 @@ class InjectionClassifier:
         weight = self._weight
         total = sum(map(weight.get, counts, repeat(0j)))  # as if every n-gram occurred once
         for gram, count in counts.items():
-            w = weight.get(gram) if count > 1 else None
-            if w is not None:  # sublinear tf: 1 + log(count) instead of 1
-                tf = 1.0 + math.log(count)
-                total += complex((tf - 1.0) * w.real, (tf * tf - 1.0) * w.imag)
+            if count > 1:
+                w = weight.get(gram)
+                if w is not None:  # sublinear tf: 1 + log(count) instead of 1
+                    tf = 1.0 + math.log(count)
+                    total += complex((tf - 1.0) * w.real, (tf * tf - 1.0) * w.imag)
         dot, norm = total.real, total.imag
         return self.intercept + (dot / math.sqrt(norm) if norm > 0.0 else 0.0)
 
@@ -175,6 +176,8 @@ class InjectionClassifier:
 
     def worst_window(self, text: str, size: int = WINDOW_CHARS, overlap: int = WINDOW_OVERLAP) -> Window:
         """The highest-scoring window of `text` (the whole text when it is short)."""
+        if len(text) <= size:
+            return Window(_sigmoid(self.decision(text)), 0, len(text))
         spans = list(windows(text, size, overlap))
         if self._vectorized is not None and len(text) >= VECTORIZE_FROM_CHARS:
             decisions = [self.intercept + d for d in self._vectorized.dots([text[s:e] for s, e in spans])]
