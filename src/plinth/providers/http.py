@@ -8,7 +8,6 @@ HTTP errors and transport faults to `ProviderError`.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -115,11 +114,10 @@ class HttpClient:
     ) -> UpstreamResponse:
         """POST and read the whole answer. Raises ProviderError for HTTP errors and transport faults."""
         try:
-            async with asyncio.timeout(timeout_s):
-                resp = await http1.send(
-                    self._pool, url, body, headers, connect_timeout_s=connect_timeout_s, read_timeout_s=None
-                )
-                data = await resp.read()
+            resp = await http1.send(
+                self._pool, url, body, headers, connect_timeout_s=connect_timeout_s, total_timeout_s=timeout_s
+            )
+            data = await resp.read()
         except Exception as exc:
             raise transport_error(exc) from None
         raise_for_upstream_status(resp.status, resp.headers, data)
