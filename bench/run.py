@@ -956,7 +956,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-timeout", type=float, default=300.0, help="time bound for the memory run")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for a gateway")
     p.add_argument(
-        "--plinth-config", type=Path, default=PLINTH_CONFIG, help="Plinth's configuration (bench/plinth.*.yaml)"
+        "--plinth-config",
+        type=Path,
+        default=PLINTH_CONFIG,
+        help="Plinth's configuration (bench/plinth.*.yaml)",
     )
     p.add_argument("--skip-litellm", action="store_true", help="measure Plinth (and the mock) only")
     p.add_argument("--skip-plinth", action="store_true", help="measure LiteLLM (and the mock) only")

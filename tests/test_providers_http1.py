@@ -418,6 +418,18 @@ async def test_large_stream_with_a_slow_reader_arrives_whole(client: HttpClient)
         assert bytes(received) == blob
 
 
+async def test_a_large_whole_answer_leaves_its_connection_reading(client: HttpClient) -> None:
+    blob = b"x" * (3 * HIGH_WATER)  # past the back-pressure mark: `read` must not pause and wait
+
+    async def big(exchange: Exchange) -> None:
+        await exchange.send(response(blob if len(exchange.body) > 1 else b"small"))
+
+    async with ScriptedServer(big) as server:
+        assert await post(client, server.url, b"big") == (200, blob)
+        assert await post(client, server.url, b"x") == (200, b"small")  # same connection, not stuck
+        assert server.connections == 1
+
+
 async def test_abandoned_stream_closes_its_connection(client: HttpClient) -> None:
     async def endless(exchange: Exchange) -> None:
         await exchange.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")

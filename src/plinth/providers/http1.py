@@ -142,6 +142,7 @@ class Response:
         "_read_timeout_s",
         "_released",
         "_waiter",
+        "_whole",
         "deadline",
         "headers",
         "status",
@@ -161,6 +162,7 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         self._decoder: zlib._Decompress | None = None
         self._released = False
+        self._whole = False  # `read` takes the whole body: no back-pressure, it would never end
         self._read_timeout_s = read_timeout_s  # per wait (streams); None: `deadline` is absolute
         self.deadline = deadline  # loop time past which a wait fails (the pool's watchdog checks)
 
@@ -185,7 +187,7 @@ class Response:
         if data:
             self._chunks.append(data)
             self._buffered += len(data)
-            if self._buffered > HIGH_WATER:
+            if self._buffered > HIGH_WATER and not self._whole:
                 self._conn.pause()
             self._wake()
 
@@ -277,6 +279,8 @@ class Response:
 
     async def read(self) -> bytes:
         """The whole body; the connection goes back to the pool."""
+        self._whole = True
+        self._conn.resume()  # paused if much arrived before this call
         try:
             while not self._complete:
                 if self._error is not None:
@@ -316,7 +320,6 @@ class Connection(asyncio.Protocol):
         self.origin: tuple[str, str, int] = ("", "", 0)  # set by Pool.connect
         self.bytes_received = 0  # of the current response: a stale reused connection has none
         self._parser = httptools.HttpResponseParser(self)
-        self._header_name = b""
         self._length_known = False  # Content-Length or chunked; otherwise the body runs to EOF
         self._keep_alive = False
         self._paused = False
