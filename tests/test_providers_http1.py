@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import gzip
+import ipaddress
 import ssl
 import zlib
 from collections.abc import Awaitable, Callable
@@ -378,6 +379,20 @@ async def test_tls_failure_is_a_connect_error(client: HttpClient, tmp_path: Path
         assert info.value.kind == "connect_error"
 
 
+async def test_tls_round_trips_and_keeps_the_connection(tmp_path: Path) -> None:
+    server_tls, cert_file = self_signed(tmp_path), tmp_path / "cert.pem"
+    trusting = ssl.create_default_context(cafile=str(cert_file))
+    client = HttpClient(tls=trusting)
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    try:
+        async with ScriptedServer(answer(response(b"secure")), answer(chunked), tls=server_tls) as server:
+            assert await post(client, server.url) == (200, b"secure")
+            assert await post(client, server.url) == (200, b"abc")
+            assert server.connections == 1
+    finally:
+        await client.aclose()
+
+
 # --- streams --------------------------------------------------------------------------------------
 
 
@@ -467,6 +482,7 @@ def self_signed(tmp_path: Path) -> ssl.SSLContext:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    address = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -476,6 +492,8 @@ def self_signed(tmp_path: Path) -> ssl.SSLContext:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(address, critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"

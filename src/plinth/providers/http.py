@@ -8,6 +8,7 @@ HTTP errors and transport faults to `ProviderError`.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -93,8 +94,8 @@ def raise_for_upstream_status(status: int, headers: Mapping[str, str], body: byt
 class HttpClient:
     """Owns the upstream connection pool (one per worker process, shared by every provider)."""
 
-    def __init__(self, *, keepalive_s: float = http1.KEEPALIVE_S) -> None:
-        self._pool = http1.Pool(keepalive_s=keepalive_s)
+    def __init__(self, *, keepalive_s: float = http1.KEEPALIVE_S, tls: ssl.SSLContext | None = None) -> None:
+        self._pool = http1.Pool(keepalive_s=keepalive_s, tls=tls)
 
     async def aclose(self) -> None:
         self._pool.close()

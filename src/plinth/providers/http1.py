@@ -431,11 +431,11 @@ class Connection(asyncio.Protocol):
 class Pool:
     """Idle keep-alive connections per origin, and the opening of new ones."""
 
-    def __init__(self, *, keepalive_s: float = KEEPALIVE_S) -> None:
+    def __init__(self, *, keepalive_s: float = KEEPALIVE_S, tls: ssl.SSLContext | None = None) -> None:
         self.keepalive_s = keepalive_s
         self._idle: dict[tuple[str, str, int], list[Connection]] = {}
         self.open_responses = 0  # sent and not yet released: a leak shows here
-        self._tls: ssl.SSLContext | None = None
+        self._tls = tls  # None: the standard library's default (system CAs, SSL_CERT_FILE), made on first use
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._watched: set[Response] = set()  # responses waiting, with a deadline
