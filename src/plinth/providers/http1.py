@@ -406,7 +406,7 @@ class Connection(asyncio.Protocol):
         return self._keep_alive and not self.closed and self.transport is not None
 
     def pause(self) -> None:
-        if not self._paused and self.transport is not None:
+        if not self._paused and self.transport is not None and not self.closed:
             self._paused = True
             self.transport.pause_reading()
 
