@@ -527,9 +527,6 @@ class Pool:
                 conn.close()
         self._idle.clear()
 
-    def idle_count(self) -> int:
-        return sum(len(v) for v in self._idle.values())
-
 
 async def send(
     pool: Pool,
