@@ -36,14 +36,18 @@ class Exchange:
 
     @property
     def headers(self) -> list[tuple[str, str]]:
-        lines = self.head.decode("latin-1").split("\r\n")[1:]
-        return [(k.strip().lower(), v.strip()) for k, _, v in (line.partition(":") for line in lines if line)]
+        return parse_headers(self.head)
 
     async def send(self, data: bytes, *, close: bool = False) -> None:
         self.writer.write(data)
         await self.writer.drain()
         if close:
             self.writer.close()
+
+
+def parse_headers(head: bytes) -> list[tuple[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    return [(k.strip().lower(), v.strip()) for k, _, v in (line.partition(":") for line in lines if line)]
 
 
 def response(body: bytes, *, status: str = "200 OK", headers: str = "") -> bytes:
@@ -85,9 +89,7 @@ class ScriptedServer:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    (int(v) for k, v in Exchange(head, b"", writer, 0).headers if k == "content-length"), 0
-                )
+                length = next((int(v) for k, v in parse_headers(head) if k == "content-length"), 0)
                 body = await reader.readexactly(length)
                 exchange = Exchange(head, body, writer, connection)
                 self.exchanges.append(exchange)

@@ -1,9 +1,9 @@
 """The HTTP client every provider shares: one connection pool per process, with errors classified.
 
-The wire work is in `plinth.providers.http1` (a lean HTTP/1.1 client: aiohttp's cost about 250
-microseconds more per upstream call, measured; httpx's more still). This module is what providers
-see: `post` for a whole answer, `open_stream` for a streamed one, SSE parsing, and the mapping of
-HTTP errors and transport faults to `ProviderError`.
+The wire work is in `plinth.providers.http1` (a lean HTTP/1.1 client: aiohttp's cost about 200
+microseconds more CPU per upstream call, `bench/upstream_client.py`; httpx's more still). This module
+is what providers see: `post` for a whole answer, `open_stream` for a streamed one, SSE parsing, and
+the mapping of HTTP errors and transport faults to `ProviderError`.
 """
 
 from __future__ import annotations
@@ -149,11 +149,9 @@ class HttpClient:
             raise transport_error(exc) from None
         if resp.status >= 400:
             try:
-                data = await resp.read()
+                data = await resp.read()  # releases the response, whatever happens
             except Exception:
                 data = b""
-            finally:
-                resp.release()
             raise_for_upstream_status(resp.status, resp.headers, data)
         return resp
 

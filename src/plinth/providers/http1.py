@@ -1,17 +1,18 @@
 """HTTP/1.1 to upstreams: keep-alive connections on asyncio protocols, parsed by httptools.
 
-Hand-written on purpose. aiohttp's client cost about 300 microseconds of CPU per upstream call on
-this project's benchmark machine, against about 50 for this module doing the same POST over the same
-keep-alive connection (`/tmp`-free figures in docs/benchmarks.md, "Upstream client"): a third of
-the gateway's whole added latency. What this module does is exactly what providers need and no more:
+Hand-written on purpose. aiohttp's client cost about 290 microseconds of CPU per upstream call on
+this project's benchmark machine, against about 80 for `HttpClient` on this module doing the same
+POST over the same keep-alive connection (`bench/upstream_client.py`, docs/benchmarks.md): a third
+of the gateway's whole added latency. What this module does is exactly what providers need and no more:
 
 - one pool of idle keep-alive connections per origin (scheme, host, port), newest first, closed
   after `keepalive_s` idle; no connection limit (the providers' own limits sit above);
 - TLS through the standard library (`ssl.create_default_context`, the system's CAs);
 - the request written in one `write`; the response parsed by httptools (llhttp, the parser Node.js
   uses): Content-Length, chunked and read-until-close bodies, gzip and deflate decoded;
-- a request sent on a reused connection that the server had already closed is sent again once on a
-  fresh connection (nothing of it was read, so nothing ran twice), as urllib3 does;
+- a request sent on a reused connection that the server closed without a byte of answer is sent
+  again once on a fresh connection, as urllib3 does (servers close idle connections unread; one that
+  acted on the request and then dropped it without answering would see it twice);
 - back-pressure on streamed bodies: reading pauses past `HIGH_WATER` unread bytes.
 
 Errors are `UpstreamFault` subclasses; `plinth.providers.http` turns them into `ProviderError`s.
