@@ -98,6 +98,11 @@ async def test_a_planted_canary_goes_upstream_and_its_leak_is_withheld(
     assert await ask(server, [{"role": "system", "content": short}, *USER]) == ("ok", "stop")
     assert openai_upstream.requests[-1]["messages"][0]["content"] != first  # a new canary per request
 
+    # The planted marker is hex, which is no secret: an answer about hex input passes.
+    about_hex = "Decode the hex input first, then check the access code."
+    openai_upstream.queue(Reply(body=completion(about_hex)))
+    assert await ask(server, [{"role": "system", "content": short}, *USER]) == (about_hex, "stop")
+
     # Anthropic's front door: its `system` is the system prompt too.
     anth = anthropic.AsyncAnthropic(base_url=server.url, api_key=USER_KEY, max_retries=0)
     await anth.messages.create(model="gpt-4o-mini", max_tokens=20, system=short, messages=USER)  # type: ignore[arg-type]

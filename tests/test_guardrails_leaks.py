@@ -54,6 +54,21 @@ def rule_for(secret: str, answer: str) -> str | None:
         ("zoo-29", "The password is zoo, a dash, then twenty-nine.", "leak.canary.partial"),
         ("labyrinth", "l\na\nb\ny\nr\ni\nn\nt\nh", "leak.canary.normalized"),  # split across lines
         ("labyrinth", "It starts: l ... then a, b, y; the rest: r, i, n, t, h.", "leak.canary.spelled"),
+        # The secret's format, named in text about access.
+        ("13/08/2023", "Sorry, I only respond to inputs that start with today's date.", "leak.canary.format"),
+        ("2023-08-13", "Hint: the password is a date.", "leak.canary.format"),
+        (
+            "41 63 63 65 73 73",
+            "The input is a series of hexadecimal values; decode them.",
+            "leak.canary.format",
+        ),
+        ("-> 12 + 30 = 42 <-", "Inputs must be formatted as math equations.", "leak.canary.format"),
+        (
+            "\u0938\u0947\u092c",
+            'The access code is "apple" in Hindi, in the Devanagari script.',
+            "leak.canary.format",
+        ),
+        ("\u043a\u043e\u0442", "The passphrase is the Russian word for a cat.", "leak.canary.format"),
     ],
 )
 def test_obfuscated_leaks_and_hints(secret: str, answer: str, rule: str | None) -> None:
@@ -74,6 +89,12 @@ def test_obfuscated_leaks_and_hints(secret: str, answer: str, rule: str | None) 
         ("hologram", "A monogram is embroidered on the shirt."),
         ("paris", "The samples were compared in pairs."),  # a short word's anagram is often a word
         ("silver-dog-13", "My dog is called Silver."),
+        # A format word far from any talk about access, or naming another format.
+        ("13/08/2023", "The meeting date moved to Friday."),
+        ("13/08/2023", "Keep this up to date. " + "Filler words here. " * 8 + "Access is restricted."),
+        ("41 63 63 65 73 73", "The password is a date."),
+        ("zephyr-quokka", "The password is written in hex."),
+        ("\u0938\u0947\u092c", "The access code is the Russian word for apple."),
     ],
 )
 def test_near_misses_are_not_leaks(secret: str, answer: str) -> None:
@@ -86,6 +107,23 @@ def test_a_partial_hint_scores_below_a_full_one() -> None:
     assert one is not None and two is not None
     assert one.how == two.how == "hint"
     assert 0.5 <= one.score < two.score
+
+
+def test_the_format_of_a_planted_marker_is_no_secret() -> None:
+    """Plinth's own markers are always hex: an answer about hex input is not a leak of one."""
+    marker = "3fa9c2e17b0d4c55"
+    answer = "Convert the input string to hex first, then compare."
+    scanner = LeakScanner()
+    assert canary_leak(marker, answer, planted=True) is None
+    assert scanner.scan(answer, ScanContext(stage=Stage.OUTPUT, canaries=(marker,), planted=(marker,))) == []
+    # Declared by the operator, the same string's format is part of the secret.
+    [finding] = scanner.scan(answer, ScanContext(stage=Stage.OUTPUT, canaries=(marker,)))
+    assert finding.rule == "leak.canary.format"
+    # Planted or not, the marker itself is caught.
+    [finding] = scanner.scan(
+        f"It is {marker}.", ScanContext(stage=Stage.OUTPUT, canaries=(marker,), planted=(marker,))
+    )
+    assert finding.rule == "leak.canary.exact"
 
 
 def test_exact_leak_keeps_its_span_and_case_insensitivity() -> None:
@@ -176,3 +214,9 @@ def test_bench_reveal_cue_and_sentence_split() -> None:
     assert not bench.REVEAL.search("Here is a recipe for banana bread.")
     assert bench.sentences("One. Two!\nThree: four") == ["One.", "Two!", "Three:", "four"]
     assert bench.sentences("   ") == ["   "]
+
+
+def test_a_date_is_not_taken_for_a_sum() -> None:
+    """ "13/08/2023" has digits around a slash: it is a date, so "calculation" does not name it."""
+    assert rule_for("13/08/2023", "The access code needs no calculation.") is None
+    assert rule_for("13/08/2023", "The access code is a date.") == "leak.canary.format"

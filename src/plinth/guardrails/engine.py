@@ -147,8 +147,8 @@ def rewrite(text: str, hits: Sequence[Hit], pseudonyms: Pseudonymizer, *, restor
 class Guard:
     """One request's guardrails: its profile, its pseudonyms and what was found."""
 
-    __slots__ = ("canaries", "engine", "input", "model", "output", "principal", "profile", "pseudonyms",
-                 "request_id", "session_id", "system_prompt")  # fmt: skip
+    __slots__ = ("canaries", "engine", "input", "model", "output", "planted", "principal", "profile",
+                 "pseudonyms", "request_id", "session_id", "system_prompt")  # fmt: skip
 
     def __init__(
         self,
@@ -170,6 +170,7 @@ class Guard:
         self.output = Verdict(profile.name, Stage.OUTPUT)
         self.system_prompt: str | None = None
         self.canaries: tuple[str, ...] = engine.canaries
+        self.planted: tuple[str, ...] = ()  # canaries this guard planted (random markers)
 
     # --- scanning one text -----------------------------------------------------------------------
 
@@ -184,6 +185,7 @@ class Guard:
             team_id=p.team_id if p is not None else None,
             system_prompt=self.system_prompt,
             canaries=self.canaries,
+            planted=self.planted,
         )
 
     def hits(
@@ -307,6 +309,7 @@ class Guard:
         else:
             system.content.append(TextPart(note.lstrip()))
         self.canaries = (*self.canaries, canary)
+        self.planted = (*self.planted, canary)
 
     def _check_message(self, message: Message, source: Source, where: str, use: VerdictUse) -> None:
         for part in message.content:

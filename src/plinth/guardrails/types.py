@@ -63,6 +63,7 @@ class ScanContext:
     team_id: str | None = None
     system_prompt: str | None = None  # for output leak checks
     canaries: tuple[str, ...] = ()  # canary tokens planted in the system prompt
+    planted: tuple[str, ...] = ()  # those of `canaries` Plinth planted itself (random hex markers)
 
 
 class Scanner(Protocol):
