@@ -129,3 +129,30 @@ def test_missing_ner_model_is_a_clear_error() -> None:
 
     with pytest.raises(NerUnavailable, match="not installed"):
         load_backend(NerConfig(backend="spacy", model="no_such_model_pkg"))
+
+
+def test_ascii_text_finds_the_same_capitalized_runs_by_either_regex_engine() -> None:
+    """ASCII text takes the standard library's regex for capitalized runs (faster); it must find
+    exactly the runs the Unicode-aware `regex` pattern finds, link words, initials and all."""
+    import random
+
+    from plinth.guardrails.pii import rules
+
+    pieces = [
+        "van", "von", "der", "de", "Van", "De", "O'Neil", "Anna-Lise", "Dr.", "Mr", "J.", "St.", "US",
+        "USA", "hello", "Hello", "x@y.com", "e.g.", "U.S.A.", "-Bob", "A1", "7th", "Rue", "de la",
+    ]  # fmt: skip
+    alphabet = "aAbBzZ vV@./-'\t\n19dDeEnrsu ,"
+    rng = random.Random(5)
+    texts = ["Say hello in five words.", "Hello! How can I help?", "Ludwig van Beethoven met Dr. J. Smith"]
+    for _ in range(3000):
+        texts.append("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))))
+        texts.append(
+            rng.choice([" ", "\t", ", "]).join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        )
+    for text in texts:
+        assert text.isascii()
+        unicode_runs = [m.span() for m in rules._RUN.finditer(text)]
+        assert [m.span() for m in rules._RUN_ASCII.finditer(text)] == unicode_runs, text
+    # Non-ASCII text keeps the Unicode pattern: "Émile" is a run only there.
+    assert found("Ich traf Émile Zola in Paris.")["PERSON"] == ["Émile Zola"]
