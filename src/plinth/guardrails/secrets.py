@@ -192,12 +192,16 @@ class SecretsScanner:
                 for p in patterns
             ]
         self._patterns = tuple(patterns)
+        # The patterns a text may match, by its longest run (in the patterns' order, which breaks
+        # ties between overlapping findings): a short prompt loops over a handful, not thirty.
+        most = max((p.min_run for p in patterns), default=0)
+        self._by_longest = [tuple(p for p in patterns if p.min_run <= n) for n in range(most + 1)]
 
     def scan(self, text: str, ctx: ScanContext) -> list[Finding]:
         out: list[Finding] = []
-        longest = longest_run(text)
-        for p in self._patterns:
-            if p.min_run > longest or (p.needs and not any(map(text.__contains__, p.needs))):
+        by_longest = self._by_longest
+        for p in by_longest[min(longest_run(text), len(by_longest) - 1)]:
+            if p.needs and not any(map(text.__contains__, p.needs)):
                 continue
             for m in p.regex.finditer(text):
                 start, end = m.span(p.group)
