@@ -114,7 +114,7 @@ def test_the_format_of_a_planted_marker_is_no_secret() -> None:
     marker = "3fa9c2e17b0d4c55"
     answer = "Convert the input string to hex first, then compare."
     scanner = LeakScanner()
-    assert canary_leak(marker, answer, planted=True) is None
+    assert canary_leak(marker, answer, formats=False) is None
     assert scanner.scan(answer, ScanContext(stage=Stage.OUTPUT, canaries=(marker,), planted=(marker,))) == []
     # Declared by the operator, the same string's format is part of the secret.
     [finding] = scanner.scan(answer, ScanContext(stage=Stage.OUTPUT, canaries=(marker,)))
@@ -220,3 +220,12 @@ def test_a_date_is_not_taken_for_a_sum() -> None:
     """ "13/08/2023" has digits around a slash: it is a date, so "calculation" does not name it."""
     assert rule_for("13/08/2023", "The access code needs no calculation.") is None
     assert rule_for("13/08/2023", "The access code is a date.") == "leak.canary.format"
+
+
+def test_the_format_check_can_be_turned_off() -> None:
+    """`formats: false` for an application whose answers name its canary's format anyway."""
+    ctx = ScanContext(stage=Stage.OUTPUT, canaries=("2024-01-15",))
+    answer = "Enter the access date as an input in ISO form."
+    assert [f.rule for f in LeakScanner.from_options({}).scan(answer, ctx)] == ["leak.canary.format"]
+    assert LeakScanner.from_options({"formats": False}).scan(answer, ctx) == []
+    assert LeakScanner.from_options({"formats": False}).scan("It is 2024-01-15.", ctx) != []
