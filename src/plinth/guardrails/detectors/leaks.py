@@ -499,8 +499,8 @@ def canary_leak(secret: str, output: str, *, formats: bool = True) -> Leak | Non
     hint = _hint_score(squeezed_secret, folded_output) if len(squeezed_secret) <= 32 else 0.0
     told = (
         FORMAT_SCORE
-        if prepared.format_words
-        and formats
+        if formats
+        and prepared.format_words
         and not prepared.format_words.isdisjoint(vocabulary)
         and _format_told(prepared.format_words, folded_output)
         else 0.0
