@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from plinth.guardrails.secrets import SecretsScanner, entropy, longest_run
+from plinth.guardrails.secrets import PATTERNS, SecretsScanner, entropy, longest_run
 from plinth.guardrails.types import ScanContext, Stage
 
 CTX = ScanContext(Stage.INPUT)
@@ -81,7 +81,7 @@ def test_the_run_length_gate_never_hides_a_match() -> None:
     """Rules are skipped when the text has no run of token characters as long as any match of the
     rule holds; on every example here the gated scanner finds exactly what the ungated one does."""
     ungated = SecretsScanner()
-    ungated._patterns = tuple(dataclasses.replace(p, min_run=0, needs=()) for p in ungated._patterns)
+    ungated._use([dataclasses.replace(p, min_run=0, needs=()) for p in PATTERNS])
     texts = [
         "AKIA" + "J7QW3RTY5UIO2PLM",
         "aws_secret_access_key = " + ("wJalrXUtnFEMI/K7MDENG/bPxRfiCY" + "EXAMPLEKEY"),

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,9 +191,11 @@ class SecretsScanner:
                 dataclasses.replace(p, check=entropy_check) if p.type == "GENERIC_SECRET" else p
                 for p in patterns
             ]
-        self._patterns = tuple(patterns)
-        # The patterns a text may match, by its longest run (in the patterns' order, which breaks
-        # ties between overlapping findings): a short prompt loops over a handful, not thirty.
+        self._use(patterns)
+
+    def _use(self, patterns: Sequence[SecretPattern]) -> None:
+        """Index `patterns` by the longest run a text needs for each (in the patterns' order, which
+        breaks ties between overlapping findings): a short prompt loops over a handful, not thirty."""
         most = max((p.min_run for p in patterns), default=0)
         self._by_longest = [tuple(p for p in patterns if p.min_run <= n) for n in range(most + 1)]
 

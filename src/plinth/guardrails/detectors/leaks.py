@@ -43,7 +43,7 @@ from functools import lru_cache
 from typing import Any
 
 from plinth.guardrails.detectors import options as opt
-from plinth.guardrails.detectors.text import clean, fold, span_in_original, words
+from plinth.guardrails.detectors.text import clean, fold, span_in_original, word_matches, words
 from plinth.guardrails.types import Finding, ScanContext
 
 DEFAULT_THRESHOLD = 0.5
@@ -163,9 +163,8 @@ def _described_numbers(folded: str, tokens: list[str]) -> set[str]:
 
 # Hints about the secret's spelling: "starts with the letter "Z"", "the last letter is h",
 # "a three-letter word", "six characters long". Counted only in text that talks about a secret.
-_SECRET_TALK = re.compile(
-    r"\b(?:(?:password|passphrase|passcode|pass code|access code|secret|code ?word|keyword|answer)s?|word|phrase)\b"
-)
+_SECRET_NAMES = r"password|passphrase|passcode|pass code|access code|secret|code ?word|keyword"
+_SECRET_TALK = re.compile(rf"\b(?:(?:{_SECRET_NAMES}|answer)s?|word|phrase)\b")
 _FIRST_CUE = re.compile(
     r"\b(?:starts?|starting|begins?|beginning)\s+with\b|\bfirst\s+(?:letter|character|digit)s?\b"
     r"(?:\s+of\s+[^.\n:]{0,30}?)?\s*(?:is|are|:)"
@@ -277,17 +276,13 @@ _SCRIPT_WORDS = {
     "GEORGIAN": ("georgian",),
     "ARMENIAN": ("armenian",),
 }
-_WORD_TOKEN = re.compile(r"\w+")
 FORMAT_REACH = 100  # characters: "the access code is 'apple' in Hindi", "inputs ... as math equations"
-_ACCESS_TALK = re.compile(
-    r"\b(?:password|passphrase|passcode|pass code|access code|access|secret|code|code ?word|keyword|"
-    r"inputs?|instructions?)s?\b"
-)
+_ACCESS_TALK = re.compile(rf"\b(?:{_SECRET_NAMES}|access|code|input|instruction)s?\b")
 
 
 def _format_told(format_words: frozenset[str], folded_output: str) -> bool:
     """A word naming the secret's format within `FORMAT_REACH` characters of talk about access."""
-    for match in _WORD_TOKEN.finditer(folded_output):
+    for match in word_matches(folded_output):
         if match.group() in format_words and _ACCESS_TALK.search(
             folded_output, max(0, match.start() - FORMAT_REACH), match.end() + FORMAT_REACH
         ):

@@ -55,6 +55,11 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text)
 
 
+def word_matches(text: str) -> Iterator[re.Match[str]]:
+    """The same tokens as `words`, with their spans."""
+    return _WORD.finditer(text)
+
+
 def alnum_only(text: str) -> str:
     """Letters and digits only: `L-A-B-Y-R-I-N-T-H` and `l a b y r i n t h` both become `labyrinth`."""
     return "".join(ch for ch in text if ch.isalnum())
