@@ -18,10 +18,11 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 from prometheus_client import Counter
@@ -30,7 +31,13 @@ from sqlalchemy.orm import Session
 
 from plinth.governance.models import AuditHead, AuditRecord
 from plinth.storage import Database, utcnow
-from plinth.storage.background import dbapi_cursor, insert_in_slices, placeholder
+from plinth.storage.background import (
+    SLICE_ROWS,
+    dbapi_cursor,
+    insert_in_slices,
+    placeholder,
+    yield_to_requests,
+)
 from plinth.storage.batches import BatchWriter
 
 if TYPE_CHECKING:
@@ -159,12 +166,41 @@ class Template:
 
 
 def prepare(entry: Entry, *, sqlite: bool, now: dt.datetime | None = None) -> Prepared:
-    """Serialise one entry (a few µs; `AuditLog.record_decision` runs it on the event loop).
-
-    Doing this where the decision is made, rather than on the writer thread, is what keeps audited
-    decisions out of the 1-connection p99: the writer's bursts of CPU were long enough that the
-    kernel let the event loop wait behind them (measured, docs/benchmarks.md)."""
+    """Serialise one entry (a few µs)."""
     return Template.of(entry).fill(entry.created_at or now or utcnow(), entry.request_id, sqlite=sqlite)
+
+
+class PendingDecision(NamedTuple):
+    """A memoised decision's record before its time and request id are filled in.
+
+    `AuditLog.record_decision` queues this and the writer thread fills it (`Template.fill`), in
+    slices that yield to requests like the inserts do: on the event loop the fill cost about 15 µs
+    of a request's 1-connection latency in the gateway (docs/benchmarks.md, 2026-12-07 afternoon).
+    A fill without slices on the writer thread had shown in the p99 (a whole batch in one burst)."""
+
+    template: Template
+    at: float  # time.time() when decided
+    request_id: str | None
+
+    def fill(self, *, sqlite: bool) -> Prepared:
+        created = dt.datetime.fromtimestamp(self.at, dt.UTC)
+        return self.template.fill(created, self.request_id, sqlite=sqlite)
+
+
+def _prepared(entries: Sequence[Entry | Prepared | PendingDecision], *, sqlite: bool) -> list[Prepared]:
+    """Every entry serialised, in slices of `SLICE_ROWS` with `yield_to_requests()` between them."""
+    now = utcnow()
+    out: list[Prepared] = []
+    for index, entry in enumerate(entries):
+        if index % SLICE_ROWS == 0:
+            yield_to_requests()
+        if isinstance(entry, Prepared):
+            out.append(entry)
+        elif isinstance(entry, PendingDecision):
+            out.append(entry.fill(sqlite=sqlite))
+        else:
+            out.append(prepare(entry, sqlite=sqlite, now=now))
+    return out
 
 
 def _chain(entries: Sequence[Prepared], seq: int, prev_hash: str) -> tuple[list[tuple[Any, ...]], str]:
@@ -183,7 +219,7 @@ def _chain(entries: Sequence[Prepared], seq: int, prev_hash: str) -> tuple[list[
     return rows, prev_hash
 
 
-def append(connection: Connection | Session, entries: Sequence[Entry | Prepared]) -> int:
+def append(connection: Connection | Session, entries: Sequence[Entry | Prepared | PendingDecision]) -> int:
     """Add entries to the chain inside the caller's transaction; returns the last seq.
 
     The head is written first, so the lock is held before it is read (see the module docstring).
@@ -192,9 +228,7 @@ def append(connection: Connection | Session, entries: Sequence[Entry | Prepared]
     if not entries:
         return 0
     raw = connection if isinstance(connection, Connection) else connection.connection()
-    sqlite = raw.dialect.name == "sqlite"
-    now = utcnow()
-    prepared = [e if isinstance(e, Prepared) else prepare(e, sqlite=sqlite, now=now) for e in entries]
+    prepared = _prepared(entries, sqlite=raw.dialect.name == "sqlite")
     head_table = AuditHead.__tablename__
     mark = placeholder(raw)
     with dbapi_cursor(raw) as cursor:
@@ -442,7 +476,7 @@ def _decision_entry(
                  None, decision.policy_ids, detail)  # fmt: skip
 
 
-class AuditLog(BatchWriter[Prepared]):
+class AuditLog(BatchWriter[PendingDecision]):
     """Admin actions written at once (in the caller's thread); decisions buffered and batched."""
 
     what = "audit records"
@@ -459,7 +493,6 @@ class AuditLog(BatchWriter[Prepared]):
             interval_s=interval_s, batch_size=batch_size, max_buffer=max_buffer, dropped=DROPPED, log=log
         )
         self.db = db
-        self._sqlite = db.is_sqlite
         # Serialised records of memoised decisions, by (decision, principal, region, entity types).
         self._templates: dict[tuple[Any, ...], tuple[Decision, Principal | None, Template]] = {}
 
@@ -505,9 +538,9 @@ class AuditLog(BatchWriter[Prepared]):
                 self._templates.clear()
             entry = _decision_entry(decision, principal, caller_region, entity_types)
             hit = self._templates[key] = (decision, principal, Template.of(entry))
-        self.append(hit[2].fill(utcnow(), request_id, sqlite=self._sqlite))
+        self.append(PendingDecision(hit[2], time.time(), request_id))
 
-    def write_batch(self, batch: list[Prepared]) -> None:
+    def write_batch(self, batch: list[PendingDecision]) -> None:
         with self.db.engine.begin() as connection:
             append(connection, batch)
 
