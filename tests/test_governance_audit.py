@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import itertools
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from plinth.config import parse_config
 from plinth.governance import audit
 from plinth.governance.config import Level
 from plinth.governance.engine import Governance
-from plinth.storage import Database
+from plinth.storage import Database, utcnow
 from plinth.tenancy.keys import Principal
 
 
@@ -115,6 +117,24 @@ def test_a_memoised_decision_is_serialised_once_but_recorded_per_request(db: Dat
     assert [r["detail"]["team"] for r in records] == ["t-a", "t-a", "t-b", "t-a"]
     assert records[2]["detail"]["caller_region"] == "eu-west-1"
     assert records[0]["created_at"] <= records[3]["created_at"] and len(log._templates) == 3
+
+
+def test_a_decision_is_dated_when_it_is_made_not_when_it_is_written(db: Database) -> None:
+    """The writer thread fills in the time later (`PendingDecision`): the record must still carry
+    the moment `record_decision` was called."""
+    log = audit.AuditLog(db)
+    decision = Governance(parse_config({}), None).decide(
+        Principal(name="x"), "invoke", "m", ["m-1"], Level.PUBLIC
+    )
+    before = utcnow()
+    log.record_decision("r1", None, decision)
+    after = utcnow()
+    time.sleep(0.2)
+    log.write_batch(list(log._buffer))
+    assert log.verify().ok
+    (record,) = audit.records_after(db, 0, 10)
+    created = dt.datetime.fromisoformat(record["created_at"])
+    assert before <= created <= after
 
 
 def _sqlite_path(db: Database) -> str:
