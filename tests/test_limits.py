@@ -340,6 +340,20 @@ async def test_tokens_reservation_and_settle_through_the_limiter() -> None:
     assert too_big.value.headers["x-should-retry"] == "false"
 
 
+async def test_changed_limits_of_a_key_apply_to_its_next_request() -> None:
+    """The limiter keeps each principal's scopes; a key whose limits changed comes back from the key
+    store as a new principal, and its new limits must apply at once."""
+    limiter = RateLimiter(InProcessBackend())
+    tight = make_call(key_limits=RateLimits(rpm=1))
+    await limiter.admit(tight)
+    with pytest.raises(GatewayError, match="1 requests per minute"):
+        await limiter.admit(tight)  # the same principal again: its remembered scope still counts
+    loose = make_call(key_limits=RateLimits(rpm=3))  # same key id, raised limit
+    hold = await limiter.admit(loose)
+    assert hold.headers["x-ratelimit-limit-requests"] == "3"
+    assert hold.headers["x-ratelimit-remaining-requests"] == "1"  # the first request still counts
+
+
 async def test_refusal_headers_for_requests() -> None:
     clock = FakeClock()
     clock.now = 1000.25

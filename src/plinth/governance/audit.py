@@ -175,7 +175,7 @@ class PendingDecision(NamedTuple):
 
     `AuditLog.record_decision` queues this and the writer thread fills it (`Template.fill`), in
     slices that yield to requests like the inserts do: on the event loop the fill cost about 15 µs
-    of a request's 1-connection latency in the gateway (docs/benchmarks.md, 2026-12-07 afternoon).
+    of a request's 1-connection latency in the gateway (docs/benchmarks.md, 2026-12-07, late morning).
     A fill without slices on the writer thread had shown in the p99 (a whole batch in one burst)."""
 
     template: Template

@@ -22,6 +22,7 @@ from plinth.config.schema import LimitsConfig
 from plinth.gateway.admission import Call, Hold, Outcome
 from plinth.gateway.errors import GatewayError
 from plinth.limits.base import LEASE_S, Backend, Grant, Refusal, Scope
+from plinth.tenancy import Principal
 
 log = logging.getLogger("plinth.limits")
 
@@ -105,6 +106,7 @@ class RateLimiter:
         self._prefix = secrets.token_hex(6) + ":"  # lease ids unique across processes
         self._seq = itertools.count()
         self._model_scopes: dict[str, Scope | None] = {}
+        self._principal_scopes: dict[int, tuple[Principal, tuple[Scope, ...]]] = {}
         self._renewer: asyncio.Task[None] | None = None
 
     async def admit(self, call: Call) -> Hold:
@@ -134,17 +136,16 @@ class RateLimiter:
 
     def _scopes(self, call: Call, model_limits: LimitsConfig | None) -> list[Scope]:
         principal = call.principal
-        scopes: list[Scope] = []
-        if principal.limits is not None:
-            lim = principal.limits
-            ident = principal.key_id or principal.name
-            scopes.append(
-                Scope("k:" + ident, f"key '{principal.name}'", lim.rpm, lim.tpm, lim.max_concurrency)
-            )
-        if principal.team_limits is not None and principal.team_id is not None:
-            lim = principal.team_limits
-            label = f"team '{principal.team_name or principal.team_id}'"
-            scopes.append(Scope("t:" + principal.team_id, label, lim.rpm, lim.tpm, lim.max_concurrency))
+        # A principal's key and team scopes are the same on every request it makes (the key store
+        # hands out one Principal per key until something changes): built once, not per request.
+        known = self._principal_scopes.get(id(principal))
+        if known is not None and known[0] is principal:
+            scopes = list(known[1])
+        else:
+            scopes = self._principal_scopes_of(principal)
+            if len(self._principal_scopes) >= 10_000:
+                self._principal_scopes.clear()
+            self._principal_scopes[id(principal)] = (principal, tuple(scopes))
         if model_limits is not None:
             name = call.route.name
             if name not in self._model_scopes:
@@ -158,6 +159,21 @@ class RateLimiter:
             model_scope = self._model_scopes[name]
             if model_scope is not None:
                 scopes.append(model_scope)
+        return scopes
+
+    @staticmethod
+    def _principal_scopes_of(principal: Principal) -> list[Scope]:
+        scopes: list[Scope] = []
+        if principal.limits is not None:
+            lim = principal.limits
+            ident = principal.key_id or principal.name
+            scopes.append(
+                Scope("k:" + ident, f"key '{principal.name}'", lim.rpm, lim.tpm, lim.max_concurrency)
+            )
+        if principal.team_limits is not None and principal.team_id is not None:
+            lim = principal.team_limits
+            label = f"team '{principal.team_name or principal.team_id}'"
+            scopes.append(Scope("t:" + principal.team_id, label, lim.rpm, lim.tpm, lim.max_concurrency))
         return scopes
 
     @staticmethod

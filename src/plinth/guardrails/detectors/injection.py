@@ -25,10 +25,9 @@ import json
 import math
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 from importlib import resources
 from itertools import repeat
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from plinth.guardrails.detectors import options as opt
 from plinth.guardrails.detectors.injection_features import ngram_counts
@@ -70,8 +69,9 @@ class ModelError(RuntimeError):
     """The classifier's weights file is missing or malformed."""
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
+class Window(NamedTuple):
+    """The highest-scoring stretch of a text (a NamedTuple: one is built per scan)."""
+
     probability: float
     start: int
     end: int
