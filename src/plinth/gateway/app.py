@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
 from plinth.admin.api import AdminExtension, admin_routes
 from plinth.budgets import create_budgets
@@ -176,6 +177,8 @@ def create_app(settings: AppSettings) -> Starlette:
     async def embeddings(request: Request) -> Response:
         return await handle_embeddings(gateway, request, EMBEDDINGS)
 
+    _HOT = (chat_completions, messages, embeddings)
+
     async def list_models(request: Request) -> Response:
         ctx = new_context(request)
         try:
@@ -287,7 +290,9 @@ def create_app(settings: AppSettings) -> Starlette:
     if config.server.metrics:
         routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
     handlers: dict[Any, Any] = {HTTPException: http_error, Exception: server_error}
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    # The model endpoints skip Starlette's router and middleware (see `GatewayApp`).
+    direct = {r.path: r.endpoint for r in routes if isinstance(r, Route) and r.endpoint in _HOT}
+    app = GatewayApp(direct, server_error, routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.gateway = gateway
     app.state.usage = usage
     app.state.budgets = budgets
@@ -295,6 +300,48 @@ def create_app(settings: AppSettings) -> Starlette:
     app.state.guardrails = guardrails
     app.state.guardrail_events = guardrail_events
     return app
+
+
+RequestHandler = Callable[[Request], Awaitable[Response]]
+ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+class GatewayApp(Starlette):
+    """Starlette, with the model endpoints called straight from the ASGI entry point.
+
+    Every other path goes through Starlette's middleware, router and exception handlers. For
+    `POST` on the model endpoints those only repeat what the endpoints do themselves (they answer
+    their own errors in the caller's protocol), and they cost 15 µs a request in a warm loop
+    (`Starlette.__call__` 23 µs against 7.7 for the endpoint alone, measured; more in a running
+    gateway). An exception that escapes the endpoint before the answer started is answered by
+    `on_error`, as Starlette's `ServerErrorMiddleware` would."""
+
+    def __init__(self, direct: dict[str, RequestHandler], on_error: ErrorHandler, **options: Any) -> None:
+        super().__init__(**options)
+        self._direct = direct
+        self._on_error = on_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = self._direct.get(scope["path"]) if scope["type"] == "http" else None
+        if endpoint is None or scope["method"] != "POST":
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        request = Request(scope, receive, send)
+        started = False
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            response = await endpoint(request)
+            await response(scope, receive, send_noting_start)
+        except Exception as exc:
+            if started:
+                raise  # the caller has the status line already: the server closes the connection
+            await (await self._on_error(request, exc))(scope, receive, send)
 
 
 def app_from_environment() -> Starlette:
