@@ -1,4 +1,4 @@
-"""The fast injection scorers (numpy and pure Python) give the scores of the plain formula.
+"""The fast injection scorers (C, numpy and pure Python) give the scores of the plain formula.
 
 `reference_decision` is the scorer as it shipped before the speed-up (one Python loop per n-gram),
 kept here verbatim as the definition both fast paths must match to 1e-9.
@@ -7,6 +7,7 @@ kept here verbatim as the definition both fast paths must match to 1e-9.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections import Counter
@@ -80,10 +81,35 @@ def test_texts_include_windowed_ones(texts: list[str]) -> None:
     assert sum(len(t) > WINDOW_CHARS for t in texts) >= 40
 
 
-def test_vectorized_decision_matches_reference(model: InjectionClassifier, texts: list[str]) -> None:
-    pytest.importorskip("numpy")  # not a core dependency; without it `decision` is `decision_python`
-    assert model.vectorized
+def test_compiled_decision_matches_reference(model: InjectionClassifier, texts: list[str]) -> None:
+    """The C scorer (`_ngrams.c`), which `decision` uses wherever the extension was built."""
+    if not model.compiled:
+        # Optional at install time (no C compiler: the Python scorers take over); CI must build it.
+        assert not os.environ.get("CI"), "the _ngrams C extension was not built"
+        pytest.skip("the _ngrams C extension is not built here")
     worst = max(abs(model.decision(t) - reference_decision(model, t)) for t in texts)
+    assert worst <= TOLERANCE
+    assert model.decision_compiled("x" * 5000) == model.decision("x" * 5000)  # beyond the stack buffer
+
+
+def test_compiled_table_refuses_what_it_cannot_index() -> None:
+    ngrams = pytest.importorskip("plinth.guardrails.detectors._ngrams")
+    with pytest.raises(ValueError, match="1 to 5 characters"):
+        ngrams.Table({"sixsix": 1 + 1j})
+    with pytest.raises(TypeError):
+        ngrams.Table({"ab": 1.0})
+    table = ngrams.Table({"a": 2 + 4j, "ab": 1 + 1j})
+    assert len(table) == 2
+    # "aab": a twice (tf 1 + log 2), ab once; b and the 3-gram are not in the vocabulary.
+    tf = 1 + math.log(2)
+    assert table.score("aab") == pytest.approx(complex(2 * tf + 1, 4 * tf * tf + 1))
+    assert table.score("") == 0j
+
+
+def test_vectorized_decision_matches_reference(model: InjectionClassifier, texts: list[str]) -> None:
+    pytest.importorskip("numpy")  # not a core dependency
+    assert model.vectorized and model._vectorized is not None
+    worst = max(abs(model.intercept + model._vectorized.dot(t) - reference_decision(model, t)) for t in texts)
     assert worst <= TOLERANCE
 
 

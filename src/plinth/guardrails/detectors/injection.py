@@ -2,9 +2,10 @@
 
 - The classifier is TF-IDF over character 1-5 grams and a logistic regression, trained by
   `scripts/train_injection_classifier.py` on deepset/prompt-injections (Apache-2.0). Its weights
-  ship in this package (`injection_model.json.gz`, loaded once per process) and are scored here in
-  numpy where it is installed (`injection_vectorized.py`, n-grams as integers), else in pure Python;
-  no scikit-learn at run time.
+  ship in this package (`injection_model.json.gz`, loaded once per process) and are scored by the
+  package's C extension (`_ngrams.c`: 2.4 against 52 µs for a one-line prompt), else in numpy where
+  it is installed (`injection_vectorized.py`, n-grams as integers), else in pure Python; the same
+  scores every way, and no scikit-learn at run time.
 - Rules (`injection_rules.py`) catch the well-known phrasings exactly and name them.
 - Indirect injection: text that came from retrieval or a tool (`ScanContext.source`) is held to the
   lower `indirect_threshold` (by default the threshold aimed at 15% instead of 8% false positives
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import math
 import threading
 from collections.abc import Mapping
@@ -39,11 +41,14 @@ from plinth.guardrails.detectors.injection_rules import (
     keyword_text,
     keywords_of,
 )
-from plinth.guardrails.detectors.text import clean, span_in_original, windows
+from plinth.guardrails.detectors.text import clean, fold, span_in_original, windows
 from plinth.guardrails.types import Finding, ScanContext, Source
 
 if TYPE_CHECKING:
+    from plinth.guardrails.detectors._ngrams import Table as NgramTable
     from plinth.guardrails.detectors.injection_vectorized import VectorizedDecision
+
+log = logging.getLogger("plinth.guardrails")
 
 MODEL_RESOURCE = "injection_model.json.gz"
 MODEL_FORMAT = 1
@@ -51,6 +56,20 @@ RULE_SCORE = STRONG  # a rule naming an attack is reported with this confidence 
 WINDOW_CHARS = 500
 WINDOW_OVERLAP = 150
 INDIRECT_SOURCES = frozenset({Source.TOOL, Source.RETRIEVED})
+
+
+def _compiled(weight: dict[str, complex]) -> NgramTable | None:
+    """The C scorer's table (`_ngrams.c`), or None where the extension was not built (no C compiler
+    at install time): the scorers below give the same scores, only slower."""
+    try:
+        from plinth.guardrails.detectors._ngrams import Table
+    except ImportError:
+        return None
+    try:
+        return Table(weight)
+    except ValueError:  # two n-grams of a retrained vocabulary share a 64-bit hash: not seen yet
+        log.warning("injection model: the C scorer cannot index this vocabulary; scoring in Python")
+        return None
 
 
 def _vectorized(vocab: Mapping[str, tuple[float, float]]) -> VectorizedDecision | None:
@@ -98,6 +117,7 @@ class InjectionClassifier:
         # norm (imaginary part), for `decision_python`: one `sum` of complex numbers over `map`
         # runs in C, where a Python loop over the n-grams cost twice as much (measured).
         self._weight = {gram: complex(idf * coef, idf * idf) for gram, (idf, coef) in self._vocab.items()}
+        self._compiled = _compiled(self._weight)
         self._vectorized = _vectorized(self._vocab)
         self.intercept = intercept
         self.threshold = threshold
@@ -145,17 +165,31 @@ class InjectionClassifier:
         return len(self._vocab)
 
     @property
+    def compiled(self) -> bool:
+        """Whether `decision` runs in the C extension (20x faster than pure Python on a short text)."""
+        return self._compiled is not None
+
+    @property
     def vectorized(self) -> bool:
-        """Whether `decision` runs in numpy (about 4x faster) rather than pure Python."""
+        """Whether numpy is there for long texts when the C extension is not (about 4x faster)."""
         return self._vectorized is not None
 
     def decision(self, text: str) -> float:
         """w . tfidf(text) + b, exactly as scikit-learn computes it (sublinear tf, smooth idf, l2 norm)."""
+        if self._compiled is not None:
+            return self.decision_compiled(text)
         # numpy's fixed cost (a dozen array calls, about 100 microseconds) is only worth paying past
         # a few dozen characters; a short prompt is scored faster in pure Python (same scores).
         if self._vectorized is not None and len(text) >= VECTORIZE_FROM_CHARS:
             return self.intercept + self._vectorized.dot(text)
         return self.decision_python(text)
+
+    def decision_compiled(self, text: str) -> float:
+        """`decision` in the C extension (`_ngrams.c`); only when `compiled`."""
+        assert self._compiled is not None
+        total = self._compiled.score(fold(text))
+        dot, norm = total.real, total.imag
+        return self.intercept + (dot / math.sqrt(norm) if norm > 0.0 else 0.0)
 
     def decision_python(self, text: str) -> float:
         """`decision` without numpy (not a core dependency): about 1.5 microseconds per character."""
@@ -179,7 +213,9 @@ class InjectionClassifier:
         if len(text) <= size:
             return Window(_sigmoid(self.decision(text)), 0, len(text))
         spans = list(windows(text, size, overlap))
-        if self._vectorized is not None and len(text) >= VECTORIZE_FROM_CHARS:
+        if self._compiled is not None:
+            decisions = [self.decision_compiled(text[s:e]) for s, e in spans]
+        elif self._vectorized is not None and len(text) >= VECTORIZE_FROM_CHARS:
             decisions = [self.intercept + d for d in self._vectorized.dots([text[s:e] for s, e in spans])]
         else:
             decisions = [self.decision_python(text[s:e]) for s, e in spans]
