@@ -147,8 +147,8 @@ def rewrite(text: str, hits: Sequence[Hit], pseudonyms: Pseudonymizer, *, restor
 class Guard:
     """One request's guardrails: its profile, its pseudonyms and what was found."""
 
-    __slots__ = ("_canaries", "_contexts", "_planted", "_system_prompt", "engine", "input", "model", "output",
-                 "principal", "profile", "pseudonyms", "request_id", "session_id")  # fmt: skip
+    __slots__ = ("canaries", "engine", "input", "model", "output", "planted", "principal", "profile",
+                 "pseudonyms", "request_id", "session_id", "system_prompt")  # fmt: skip
 
     def __init__(
         self,
@@ -168,52 +168,13 @@ class Guard:
         self.pseudonyms = Pseudonymizer(engine.key, session_id)
         self.input = Verdict(profile.name, Stage.INPUT)
         self.output = Verdict(profile.name, Stage.OUTPUT)
-        self._contexts: dict[tuple[Stage, Source], ScanContext] = {}
-        self._system_prompt: str | None = None
-        self._canaries: tuple[str, ...] = engine.canaries
-        self._planted: tuple[str, ...] = ()
-
-    # What output checks compare answers with. Setting one drops the contexts built so far.
-
-    @property
-    def system_prompt(self) -> str | None:
-        return self._system_prompt
-
-    @system_prompt.setter
-    def system_prompt(self, value: str | None) -> None:
-        self._system_prompt = value
-        self._contexts.clear()
-
-    @property
-    def canaries(self) -> tuple[str, ...]:
-        return self._canaries
-
-    @canaries.setter
-    def canaries(self, value: tuple[str, ...]) -> None:
-        self._canaries = value
-        self._contexts.clear()
-
-    @property
-    def planted(self) -> tuple[str, ...]:
-        """Those of `canaries` this guard planted itself (random markers)."""
-        return self._planted
-
-    @planted.setter
-    def planted(self, value: tuple[str, ...]) -> None:
-        self._planted = value
-        self._contexts.clear()
+        self.system_prompt: str | None = None
+        self.canaries: tuple[str, ...] = engine.canaries
+        self.planted: tuple[str, ...] = ()  # canaries this guard planted (random markers)
 
     # --- scanning one text -----------------------------------------------------------------------
 
     def context(self, stage: Stage, source: Source) -> ScanContext:
-        """The scanners' view of this request, built once per stage and source (a frozen dataclass
-        costs about 4 µs to build, and a request scans several texts with the same one)."""
-        found = self._contexts.get((stage, source))
-        if found is None:
-            found = self._contexts[stage, source] = self._new_context(stage, source)
-        return found
-
-    def _new_context(self, stage: Stage, source: Source) -> ScanContext:
         p = self.principal
         return ScanContext(
             stage=stage,
