@@ -73,6 +73,14 @@ def model() -> InjectionClassifier:
 
 
 @pytest.fixture(scope="module")
+def fallback_model(model: InjectionClassifier) -> InjectionClassifier:
+    """The same model without the C scorer: numpy where installed, else pure Python."""
+    return InjectionClassifier(
+        model._vocab, model.intercept, model.threshold, model.threshold_sensitive, compiled=False
+    )
+
+
+@pytest.fixture(scope="module")
 def texts() -> list[str]:
     return varied_texts(300)
 
@@ -106,10 +114,10 @@ def test_compiled_table_refuses_what_it_cannot_index() -> None:
     assert table.score("") == 0j
 
 
-def test_vectorized_decision_matches_reference(model: InjectionClassifier, texts: list[str]) -> None:
-    pytest.importorskip("numpy")  # not a core dependency
-    assert model.vectorized and model._vectorized is not None
-    worst = max(abs(model.intercept + model._vectorized.dot(t) - reference_decision(model, t)) for t in texts)
+def test_vectorized_decision_matches_reference(fallback_model: InjectionClassifier, texts: list[str]) -> None:
+    pytest.importorskip("numpy")  # not a core dependency; without it `decision` is `decision_python`
+    assert fallback_model.vectorized
+    worst = max(abs(fallback_model.decision(t) - reference_decision(fallback_model, t)) for t in texts)
     assert worst <= TOLERANCE
 
 
@@ -118,7 +126,11 @@ def test_python_decision_matches_reference(model: InjectionClassifier, texts: li
     assert worst <= TOLERANCE
 
 
-def test_worst_window_matches_reference(model: InjectionClassifier, texts: list[str]) -> None:
+@pytest.mark.parametrize("scorer", ["model", "fallback_model"])
+def test_worst_window_matches_reference(
+    scorer: str, texts: list[str], request: pytest.FixtureRequest
+) -> None:
+    model: InjectionClassifier = request.getfixturevalue(scorer)
     for text in texts[::3]:
         window = model.worst_window(text)
         p, start, end = reference_worst(model, text)
@@ -133,17 +145,20 @@ def test_too_many_characters_falls_back_to_python() -> None:
     vocab = {chr(0x100 + i) * 2: (1.0 + i / 100, (-1) ** i * 0.3) for i in range(200)}
     with pytest.raises(VocabularyDoesNotFit):
         VectorizedDecision(vocab)
-    small = InjectionClassifier(vocab, 0.1, 0.5, 0.4)
+    small = InjectionClassifier(vocab, 0.1, 0.5, 0.4, compiled=False)
     assert not small.vectorized
     text = "".join(chr(0x100 + i) * 3 for i in range(0, 200, 7))
     assert small.decision(text) != 0.1
     assert abs(small.decision(text) - reference_decision(small, text)) <= TOLERANCE
 
 
-def test_hash_table_finds_every_vocabulary_ngram_and_nothing_else(model: InjectionClassifier) -> None:
+def test_hash_table_finds_every_vocabulary_ngram_and_nothing_else(
+    fallback_model: InjectionClassifier,
+) -> None:
     pytest.importorskip("numpy")
     import numpy as np
 
+    model = fallback_model
     scorer = model._vectorized
     assert scorer is not None
     keys = np.array([scorer._key(gram) for gram in model._vocab], dtype=np.int64)
@@ -168,7 +183,7 @@ def test_fold_agrees_with_the_regex_on_whitespace() -> None:
 def test_small_vocab_vectorized_matches_reference() -> None:
     pytest.importorskip("numpy")
     vocab = {"ig": (1.5, 2.0), "ignor": (2.5, 1.0), "a": (1.1, -0.5), " ": (1.0, 0.1), "ß": (3.0, 0.7)}
-    small = InjectionClassifier(vocab, -0.2, 0.5, 0.4)
+    small = InjectionClassifier(vocab, -0.2, 0.5, 0.4, compiled=False)
     assert small.vectorized
     for text in ("", "b", "Ignore ignore IGNORE", "aaaa ß ss", "nothing known here"):
         assert abs(small.decision(text) - reference_decision(small, text)) <= TOLERANCE
@@ -185,8 +200,9 @@ def best_of(runs: int, fn: object, text: str) -> float:
     return best
 
 
-def test_vectorized_is_much_faster_on_2kb(model: InjectionClassifier) -> None:
+def test_vectorized_is_much_faster_on_2kb(fallback_model: InjectionClassifier) -> None:
     pytest.importorskip("numpy")
+    model = fallback_model
     text = varied_texts(20, seed=11)[-1][:2048].ljust(2048, "z")
     fast = best_of(5, model.worst_window, text)
     slow = best_of(5, lambda t: reference_worst(model, t), text)

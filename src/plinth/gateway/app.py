@@ -177,7 +177,7 @@ def create_app(settings: AppSettings) -> Starlette:
     async def embeddings(request: Request) -> Response:
         return await handle_embeddings(gateway, request, EMBEDDINGS)
 
-    _HOT = (chat_completions, messages, embeddings)
+    model_endpoints = (chat_completions, messages, embeddings)  # dispatched by `GatewayApp`
 
     async def list_models(request: Request) -> Response:
         ctx = new_context(request)
@@ -291,7 +291,7 @@ def create_app(settings: AppSettings) -> Starlette:
         routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
     handlers: dict[Any, Any] = {HTTPException: http_error, Exception: server_error}
     # The model endpoints skip Starlette's router and middleware (see `GatewayApp`).
-    direct = {r.path: r.endpoint for r in routes if isinstance(r, Route) and r.endpoint in _HOT}
+    direct = {r.path: r.endpoint for r in routes if isinstance(r, Route) and r.endpoint in model_endpoints}
     app = GatewayApp(direct, server_error, routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.gateway = gateway
     app.state.usage = usage

@@ -21,7 +21,6 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 #define MAX_N 5
 
@@ -55,13 +54,14 @@ static inline uint64_t finish(uint64_t h, int n)
     return h ? h : 1;
 }
 
-static uint64_t hash_of(PyObject *text, Py_ssize_t start, int n)
+/* The hash of a whole vocabulary n-gram: what `score` reaches step by step along the text. */
+static uint64_t hash_of(PyObject *gram, int n)
 {
-    int kind = PyUnicode_KIND(text);
-    const void *data = PyUnicode_DATA(text);
+    int kind = PyUnicode_KIND(gram);
+    const void *data = PyUnicode_DATA(gram);
     uint64_t h = 0;
     for (int k = 0; k < n; k++)
-        h = step(h, PyUnicode_READ(kind, data, start + k));
+        h = step(h, PyUnicode_READ(kind, data, k));
     return finish(h, n);
 }
 
@@ -74,6 +74,7 @@ static void Table_dealloc(TableObject *self)
 
 static int Table_init(TableObject *self, PyObject *args, PyObject *kwds)
 {
+    (void)kwds;
     PyObject *weights;
     if (!PyArg_ParseTuple(args, "O!", &PyDict_Type, &weights))
         return -1;
@@ -103,7 +104,7 @@ static int Table_init(TableObject *self, PyObject *args, PyObject *kwds)
             PyErr_SetString(PyExc_ValueError, "n-grams must be 1 to 5 characters long");
             return -1;
         }
-        uint64_t h = hash_of(key, 0, (int)len);
+        uint64_t h = hash_of(key, (int)len);
         uint64_t slot = h & self->mask;
         while (self->entries[slot].hash != 0) {
             if (self->entries[slot].hash == h) {

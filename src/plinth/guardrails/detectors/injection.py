@@ -106,7 +106,10 @@ class InjectionClassifier:
         threshold: float,
         threshold_sensitive: float,
         info: Mapping[str, Any] | None = None,
+        *,
+        compiled: bool = True,
     ) -> None:
+        """`compiled=False` leaves the C scorer out (the tests of the numpy and Python scorers)."""
         # n-gram -> (idf, coefficient). The most frequent n-grams (lowest idf) first, each with a
         # fresh key object: the entries, keys and weights of the n-grams nearly every text has then
         # sit together in memory, which matters when a scan starts with cold CPU caches, as in the
@@ -117,8 +120,9 @@ class InjectionClassifier:
         # norm (imaginary part), for `decision_python`: one `sum` of complex numbers over `map`
         # runs in C, where a Python loop over the n-grams cost twice as much (measured).
         self._weight = {gram: complex(idf * coef, idf * idf) for gram, (idf, coef) in self._vocab.items()}
-        self._compiled = _compiled(self._weight)
-        self._vectorized = _vectorized(self._vocab)
+        self._compiled = _compiled(self._weight) if compiled else None
+        # numpy only where the C scorer is missing: building its tables costs load time and memory.
+        self._vectorized = _vectorized(self._vocab) if self._compiled is None else None
         self.intercept = intercept
         self.threshold = threshold
         self.threshold_sensitive = threshold_sensitive
@@ -171,7 +175,7 @@ class InjectionClassifier:
 
     @property
     def vectorized(self) -> bool:
-        """Whether numpy is there for long texts when the C extension is not (about 4x faster)."""
+        """Whether numpy scores long texts (about 4x faster than Python); only without the C scorer."""
         return self._vectorized is not None
 
     def decision(self, text: str) -> float:
